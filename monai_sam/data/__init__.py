@@ -1,0 +1,1 @@
+"""Data: the phantom generator (embedded default data), loading, datalists and converters."""
