@@ -1,0 +1,85 @@
+"""Overlay pictures people can look at: predicted vs true contours on representative slices."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["representative_slices", "save_overlay"]
+
+
+def representative_slices(truth: np.ndarray, pred: np.ndarray | None = None, count: int = 3) -> list[int]:
+    """Axial slices (last axis) at the 25/50/75 % points of the labelled extent.
+
+    Falls back to the prediction's extent, then to the middle of the volume, so a case with
+    an empty truth still gets a picture of what was predicted.
+    """
+    for vol in (truth, pred):
+        if vol is None:
+            continue
+        present = np.flatnonzero(np.asarray(vol).reshape(-1, vol.shape[-1]).any(axis=0))
+        if present.size:
+            qs = np.linspace(0, 1, count + 2)[1:-1]
+            return sorted({int(present[int(round(q * (present.size - 1)))]) for q in qs})
+    return [truth.shape[-1] // 2]
+
+
+def save_overlay(
+    image: np.ndarray,
+    truth: np.ndarray | None,
+    pred: np.ndarray,
+    path: str | os.PathLike,
+    label_names: Mapping[int, str],
+    slices: Sequence[int] | None = None,
+    title: str = "",
+    window: tuple[float, float] | None = None,
+) -> Path:
+    """One PNG with a panel per slice: the image, truth contours solid, prediction dashed.
+
+    Args:
+        image, truth, pred: ``(X, Y, Z)`` arrays in RAS (truth may be None at inference).
+        window: display range (e.g. ``(-160, 240)`` HU for the abdomen); default 1-99th percentiles.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    image, pred = np.asarray(image).squeeze(), np.asarray(pred).squeeze()
+    truth = None if truth is None else np.asarray(truth).squeeze()
+    slices = list(slices) if slices else representative_slices(truth if truth is not None else pred, pred)
+    lo, hi = window if window else np.percentile(image, (1, 99))
+    colors = plt.get_cmap("tab10")
+    fig, axes = plt.subplots(1, len(slices), figsize=(4 * len(slices), 4.4), squeeze=False)
+    for ax, k in zip(axes[0], slices):
+        # RAS (X, Y) -> radiological display: patient's right on the screen's left, anterior up
+        ax.imshow(np.rot90(image[:, :, k]), cmap="gray", vmin=lo, vmax=hi)
+        for i, (label, name) in enumerate(sorted((int(k_), v) for k_, v in label_names.items() if int(k_) != 0)):
+            color = colors(i % 10)
+            if truth is not None and (truth[:, :, k] == label).any():
+                ax.contour(np.rot90(truth[:, :, k] == label), levels=[0.5], colors=[color], linewidths=1.5)
+            if (pred[:, :, k] == label).any():
+                ax.contour(
+                    np.rot90(pred[:, :, k] == label), levels=[0.5], colors=[color], linewidths=1.2, linestyles="--"
+                )
+            ax.plot([], [], color=color, label=name)
+        ax.set_title(f"slice {k}")
+        ax.axis("off")
+    axes[0][0].legend(loc="lower left", fontsize=7, framealpha=0.6)
+    fig.suptitle((title + "  " if title else "") + "truth: solid, prediction: dashed", fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=80)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        Path(tmp).unlink(missing_ok=True)
+    return path
