@@ -1,1 +1,28 @@
-"""transforms"""
+"""MONAI dict transforms for SAM/SAM2 on CT and MRI: intensity presets, SAM input, slices, prompts."""
+
+from .intensity import CT_WINDOWS, CTWindow, CTWindowd, MRPercentileScale, MRPercentileScaled, ct_window_range
+from .prompts import PROMPT_MODES, PromptFromLabeld, RandPromptFromLabeld, box_from_mask, clicks_from_mask
+from .sam_input import IMAGENET_MEAN, IMAGENET_STD, SAM_ORIGINAL_SIZE_KEY, SamInput, SamInputd
+from .slices import SampleSliceSequenced, present_labels, source_name
+
+__all__ = [
+    "CT_WINDOWS",
+    "ct_window_range",
+    "CTWindow",
+    "CTWindowd",
+    "MRPercentileScale",
+    "MRPercentileScaled",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "SAM_ORIGINAL_SIZE_KEY",
+    "SamInput",
+    "SamInputd",
+    "SampleSliceSequenced",
+    "present_labels",
+    "source_name",
+    "PROMPT_MODES",
+    "box_from_mask",
+    "clicks_from_mask",
+    "RandPromptFromLabeld",
+    "PromptFromLabeld",
+]
