@@ -27,24 +27,57 @@ def _add_make_phantoms(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="case i uses seed + i; same seed, same voxels")
     p.add_argument(
         "--shape", type=int, nargs=3, metavar=("X", "Y", "Z"), default=None,
-        help="volume size in voxels (default depends on --kind, e.g. 256 256 64 for ct)",
+        help="volume size in voxels (default depends on --kind, e.g. 256 256 64 for ct); without --spacing "
+        "the default field of view is kept, so a smaller shape means coarser voxels, not a cropped body",
+    )
+    p.add_argument(
+        "--spacing", type=float, nargs=3, metavar=("SX", "SY", "SZ"), default=None,
+        help="voxel size in mm (default depends on --kind, e.g. 0.8 0.8 2.5 for ct)",
     )
     p.add_argument("--dicom", action="store_true", help="also write each image as a DICOM series")
     p.set_defaults(func=_run_make_phantoms)
 
 
 def _run_make_phantoms(args: argparse.Namespace) -> int:
-    from monai_sam.data.phantom import write_phantom_dataset
+    from monai_sam.data.phantom import DEFAULT_SHAPES, DEFAULT_SPACINGS, write_phantom_dataset
 
+    spacing = tuple(args.spacing) if args.spacing else None
+    if args.shape and spacing is None:
+        fov = [n * s for n, s in zip(DEFAULT_SHAPES[args.kind], DEFAULT_SPACINGS[args.kind])]
+        spacing = tuple(round(f / n, 4) for f, n in zip(fov, args.shape))
     dataset_json = write_phantom_dataset(
         kind=args.kind,
         num_cases=args.cases,
         out_dir=args.out,
         seed=args.seed,
         shape=tuple(args.shape) if args.shape else None,
+        spacing=spacing,
         dicom=args.dicom,
     )
     logger.info("wrote %d %s phantom(s): %s", args.cases, args.kind, dataset_json)
+    return 0
+
+
+def _add_convert(sub: argparse._SubParsersAction) -> None:
+    from monai_sam.data.converters import CONVERTERS
+
+    p = sub.add_parser(
+        "convert",
+        help="convert a downloaded public dataset (BTCV, MSD, ACDC, REFUGE) to the Decathlon layout",
+        description="Write imagesTr/, labelsTr/ and dataset.json from a public dataset's own layout.",
+    )
+    p.add_argument("dataset", choices=sorted(CONVERTERS))
+    p.add_argument("--src", type=Path, required=True, help="the dataset folder as downloaded")
+    p.add_argument("--out", type=Path, required=True, help="output folder (Decathlon layout)")
+    p.add_argument("--copy", action="store_true", help="copy files instead of symlinking them")
+    p.set_defaults(func=_run_convert)
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    from monai_sam.data.converters import CONVERTERS
+
+    dataset_json = CONVERTERS[args.dataset](args.src, args.out, link=not args.copy)
+    logger.info("converted %s: %s", args.dataset, dataset_json)
     return 0
 
 
@@ -53,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_make_phantoms(sub)
+    _add_convert(sub)
     return parser
 
 

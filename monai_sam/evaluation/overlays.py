@@ -56,15 +56,14 @@ def save_overlay(
     colors = plt.get_cmap("tab10")
     fig, axes = plt.subplots(1, len(slices), figsize=(4 * len(slices), 4.4), squeeze=False)
     for ax, k in zip(axes[0], slices):
-        # RAS (X, Y) -> radiological display: patient's right on the screen's left, anterior up
-        ax.imshow(np.rot90(image[:, :, k]), cmap="gray", vmin=lo, vmax=hi)
+        ax.imshow(_radiological(image[:, :, k]), cmap="gray", vmin=lo, vmax=hi)
         for i, (label, name) in enumerate(sorted((int(k_), v) for k_, v in label_names.items() if int(k_) != 0)):
             color = colors(i % 10)
             if truth is not None and (truth[:, :, k] == label).any():
-                ax.contour(np.rot90(truth[:, :, k] == label), levels=[0.5], colors=[color], linewidths=1.5)
+                ax.contour(_radiological(truth[:, :, k] == label), levels=[0.5], colors=[color], linewidths=1.5)
             if (pred[:, :, k] == label).any():
                 ax.contour(
-                    np.rot90(pred[:, :, k] == label), levels=[0.5], colors=[color], linewidths=1.2, linestyles="--"
+                    _radiological(pred[:, :, k] == label), levels=[0.5], colors=[color], linewidths=1.2, linestyles="--"
                 )
             ax.plot([], [], color=color, label=name)
         ax.set_title(f"slice {k}")
@@ -83,3 +82,8 @@ def save_overlay(
         plt.close(fig)
         Path(tmp).unlink(missing_ok=True)
     return path
+
+
+def _radiological(ras_slice: np.ndarray) -> np.ndarray:
+    """RAS ``(i, j)`` slice -> screen rows/columns: patient's right on the left, anterior up."""
+    return ras_slice[::-1, ::-1].T
