@@ -81,12 +81,61 @@ def _run_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_segment(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "segment",
+        help="segment a CT/MR volume from prompts on key slices with SAM2's slice memory",
+        description="Segment the objects of a prompt file (docs/prompt_file.md) in one volume and write "
+        "OUTPUT/<case>_seg.nii.gz (object ids, the input's orientation and affine).",
+    )
+    p.add_argument("--input", type=Path, required=True, help="NIfTI file or DICOM series folder")
+    p.add_argument("--prompts", type=Path, required=True, help="prompt file (JSON, see docs/prompt_file.md)")
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="official SAM2/SAM2.1 .pt of --model-size (none: random weights, a demo only)")
+    p.add_argument("--output", type=Path, required=True, help="output folder")
+    p.add_argument("--model-size", default="sam2.1_hiera_t", help="sam2.1_hiera_t|s|b+|l or sam2_hiera_t|s|b+|l")
+    p.add_argument("--image-size", type=int, default=1024, help="SAM2 input size in pixels (1024 = official)")
+    p.add_argument("--window", default="auto",
+                   help="'auto' (CT window or MR percentiles), 'mr', 'none' or a CT preset (abdomen, liver, bone...)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    p.add_argument("--precision", default="auto", help="auto (bf16 on CUDA), float32, bfloat16, float16")
+    p.add_argument("--encoder-batch-size", type=int, default=8, help="slices per image-encoder call")
+    p.set_defaults(func=_run_segment)
+
+
+def _run_segment(args: argparse.Namespace) -> int:
+    from monai_sam.networks import CheckpointError
+    from monai_sam.prompts import PromptError
+    from monai_sam.segment import segment_to_file
+
+    try:
+        out = segment_to_file(
+            args.input,
+            args.prompts,
+            args.output,
+            checkpoint=args.checkpoint,
+            model_size=args.model_size,
+            image_size=args.image_size,
+            window=None if str(args.window).lower() == "none" else args.window,
+            device=args.device,
+            precision=args.precision,
+            encoder_batch_size=args.encoder_batch_size,
+            progress=True,
+        )
+    except (CheckpointError, PromptError, FileNotFoundError, ValueError) as err:
+        logger.error("segment: %s", err)  # the message names the file and what is wrong
+        return 2
+    logger.info("segmentation written to %s", out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="monai-sam", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_make_phantoms(sub)
     _add_convert(sub)
+    _add_segment(sub)
     return parser
 
 

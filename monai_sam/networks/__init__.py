@@ -1,1 +1,57 @@
-"""networks"""
+"""SAM/SAM2 builders (official sizes and checkpoints, freezing) and the slice-memory volume network."""
+
+from .builders import (
+    MODEL_SIZES,
+    SAM2_MODEL_SIZES,
+    SAM_MODEL_SIZES,
+    CheckpointError,
+    ModelSpec,
+    build_model,
+    build_sam2_model,
+    build_sam2_video_predictor_model,
+    build_sam_model,
+    canonical_model_size,
+    checkpoint_model_size,
+    count_parameters,
+    freeze,
+    freeze_image_encoder,
+    load_checkpoint,
+    read_state_dict,
+    sam2_hydra_overrides,
+)
+from .sam2_volume import (
+    NO_OBJ_SCORE,
+    FrameSource,
+    Sam2VolumeSegmenter,
+    TensorFrames,
+    VolumeFrames,
+    frames_from_sam_input,
+    video_predictor_logits,
+)
+
+__all__ = [
+    "MODEL_SIZES",
+    "SAM2_MODEL_SIZES",
+    "SAM_MODEL_SIZES",
+    "CheckpointError",
+    "ModelSpec",
+    "build_model",
+    "build_sam2_model",
+    "build_sam2_video_predictor_model",
+    "build_sam_model",
+    "canonical_model_size",
+    "checkpoint_model_size",
+    "count_parameters",
+    "freeze",
+    "freeze_image_encoder",
+    "load_checkpoint",
+    "read_state_dict",
+    "sam2_hydra_overrides",
+    "NO_OBJ_SCORE",
+    "FrameSource",
+    "Sam2VolumeSegmenter",
+    "TensorFrames",
+    "VolumeFrames",
+    "frames_from_sam_input",
+    "video_predictor_logits",
+]

@@ -1,0 +1,144 @@
+"""A MONAI ``Inferer`` that segments a volume from prompts with SAM2's slice memory.
+
+Bundle configs and engines call inferers as ``inferer(inputs, network, *args, **kwargs)``;
+this one takes the image volume and the prompts and returns a label volume, so a SAM2 bundle
+reads like any other MONAI bundle (``_target_: monai_sam.inferers.MemoryPropagationInferer``).
+
+Two ways in:
+
+- ``preprocess=None`` (bundle pipelines): ``inputs`` is already `SamInput`'s output,
+  ``(3, S, S, T)``; the label comes back at that ``S x S`` size, so ``Invertd`` restores the
+  original in-plane size with the rest of the pipeline. Prompts are in the original slice
+  grid, whose size is read from the image metadata (``"sam_original_size"``).
+- ``preprocess=SamInput(S)`` (memory-bounded): ``inputs`` is the ``[0, 1]`` volume
+  ``(1, H, W, T)`` at its own size; slices are preprocessed chunk by chunk inside the network
+  and the label comes back at ``H x W`` directly (the logits are resized, not the label).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from monai.data import MetaTensor
+from monai.inferers import Inferer
+from torch import Tensor
+
+from monai_sam.networks.sam2_volume import NO_OBJ_SCORE, Sam2VolumeSegmenter, VolumeFrames, frames_from_sam_input
+from monai_sam.prompts import ObjectPrompts
+
+__all__ = ["MemoryPropagationInferer", "logits_to_label"]
+
+logger = logging.getLogger(__name__)
+
+_ORIGINAL_SIZE_KEY = "sam_original_size"  # monai_sam.transforms.SAM_ORIGINAL_SIZE_KEY
+
+
+def logits_to_label(logits: Tensor, object_ids: Sequence[int], threshold: float = 0.0) -> Tensor:
+    """``(N, ...)`` per-object logits -> label map of object ids (0 = background).
+
+    A voxel takes the id of the object with the highest logit among those above ``threshold``,
+    so overlapping objects are decided by confidence rather than by their order in the list.
+    """
+    if logits.shape[0] != len(object_ids):
+        raise ValueError(f"{logits.shape[0]} logit maps for {len(object_ids)} object ids")
+    ids = torch.as_tensor(list(object_ids), dtype=torch.float32, device=logits.device)
+    best, idx = logits.max(dim=0)
+    return torch.where(best > threshold, ids[idx], torch.zeros((), device=logits.device))
+
+
+class MemoryPropagationInferer(Inferer):
+    """Image volume + prompts -> label volume, through `Sam2VolumeSegmenter.propagate`.
+
+    Args:
+        preprocess: None if ``inputs`` went through `SamInput` already; otherwise a callable
+            mapping a ``(C, H, W, n)`` slab in ``[0, 1]`` to ``(3, S, S, n)`` (e.g.
+            ``SamInput(S)``), applied a chunk of slices at a time.
+        threshold: logit above which a voxel belongs to an object (0 = probability 0.5).
+        return_probabilities: also return per-object probabilities ``(N, H, W, T)``.
+        direction: ``"both"`` (default), ``"forward"`` or ``"backward"`` from the key slices.
+        progress: tqdm bars over slices.
+
+    Call: ``inferer(inputs, network, prompts)`` with ``inputs`` ``(C, H, W, T)`` or
+    ``(1, C, H, W, T)``, ``network`` a `Sam2VolumeSegmenter` (a bare ``SAM2Base`` is wrapped with
+    default settings) and ``prompts`` a list of `ObjectPrompts` in the original slice grid.
+    Returns the label ``(1, H, W, T)`` (``(1, 1, H, W, T)`` for batched input), float32 object
+    ids, a MetaTensor carrying the input's metadata when the input is one; with
+    ``return_probabilities`` a tuple ``(label, probabilities)``.
+    """
+
+    def __init__(
+        self,
+        preprocess: Callable[[Tensor], Tensor] | None = None,
+        threshold: float = 0.0,
+        return_probabilities: bool = False,
+        direction: str = "both",
+        progress: bool = False,
+    ) -> None:
+        super().__init__()
+        self.preprocess = preprocess
+        self.threshold = float(threshold)
+        self.return_probabilities = bool(return_probabilities)
+        self.direction = direction
+        self.progress = bool(progress)
+
+    @staticmethod
+    def _network(network: Any) -> Sam2VolumeSegmenter:
+        if isinstance(network, Sam2VolumeSegmenter):
+            return network
+        if hasattr(network, "_track_step"):
+            return Sam2VolumeSegmenter(network)
+        raise TypeError(f"network must be a Sam2VolumeSegmenter or a sam2 SAM2Base, got {type(network).__name__}")
+
+    def __call__(  # type: ignore[override]
+        self,
+        inputs: Tensor,
+        network: Any,
+        prompts: Sequence[ObjectPrompts] | ObjectPrompts | None = None,
+        *args: Any,
+        original_size: tuple[int, int] | None = None,
+        **kwargs: Any,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        if prompts is None:
+            prompts = kwargs.pop("prompts", None)
+        if prompts is None:
+            from monai_sam.prompts import PromptError
+
+            raise PromptError("MemoryPropagationInferer: no prompts given; give at least one box, click or mask")
+        if isinstance(prompts, ObjectPrompts):
+            prompts = [prompts]
+        seg = self._network(network)
+        batched = inputs.ndim == 5
+        x = inputs
+        if batched:
+            if inputs.shape[0] != 1:
+                raise ValueError(f"one volume at a time: got a batch of {inputs.shape[0]}")
+            x = inputs[0]
+        if x.ndim != 4:
+            raise ValueError(f"inputs must be (C, H, W, T) or (1, C, H, W, T), got {tuple(inputs.shape)}")
+        plain = x.as_tensor() if isinstance(x, MetaTensor) else x
+
+        if self.preprocess is not None:
+            source = VolumeFrames(plain, self.preprocess)
+            original = source.original_size
+            out_size = original
+        else:
+            source = frames_from_sam_input(plain)
+            meta_size = x.meta.get(_ORIGINAL_SIZE_KEY) if isinstance(x, MetaTensor) else None
+            original = tuple(int(v) for v in (original_size or meta_size or plain.shape[1:3]))
+            out_size = tuple(int(v) for v in plain.shape[1:3])
+
+        logits = seg.propagate(source, list(prompts), original_size=original, output_size=out_size,
+                               direction=self.direction, progress=self.progress)
+        logits = logits.permute(0, 2, 3, 1)  # (N, H, W, T): channel-first like the image
+        label = logits_to_label(logits, [p.object_id for p in prompts], self.threshold)[None]
+        if batched:
+            label = label[None]
+        if isinstance(inputs, MetaTensor):
+            label = MetaTensor(label, meta=dict(inputs.meta), applied_operations=list(inputs.applied_operations))
+        if not self.return_probabilities:
+            return label
+        probs = torch.sigmoid(logits).masked_fill(logits <= NO_OBJ_SCORE, 0.0)
+        return label, probs[None] if batched else probs

@@ -1,0 +1,666 @@
+"""SAM2's slice memory over a CT/MR volume: a prompt on key slices, masks on every slice.
+
+The axial slices of a volume are the frames of a video. `Sam2VolumeSegmenter` wraps a
+``sam2`` ``SAM2Base`` and runs its frame step (``_track_step`` + ``_encode_memory_in_output``,
+the two halves of ``track_step`` that sam2's own trainer composes) over the slices:
+
+- prompted slices (box, clicks or mask per object) are *conditioning* frames, segmented
+  without memory and written to the memory bank first;
+- the other slices read the memory, propagating forward from the earliest key slice to the
+  last slice and then backward from it to the first one, which is what
+  ``SAM2VideoPredictor.propagate_in_video`` does (``reverse=False`` then ``reverse=True``), so
+  results match the predictor fed the same frames (see tests/test_oracle_video_predictor.py).
+
+Why not the predictor itself: it keeps every frame at the model size in memory, encodes one
+frame at a time and tracks one object at a time. Here slices are encoded in chunks
+(``encoder_batch_size``) in propagation order and only the current chunk's features are kept,
+objects sharing key slices are tracked as one batch, memories older than the memory window
+are dropped, and nothing touches the disk. The encoder's raw outputs (`encode`) are kept apart
+from the decoder's trainable high-resolution projections (`prepare_features`), so a frozen
+encoder's outputs can be cached without freezing ``conv_s0``/``conv_s1``.
+
+Shapes: frames ``(T, 3, S, S)`` preprocessed by `monai_sam.transforms.SamInput` (``S`` =
+``model.image_size``); prompts are `monai_sam.prompts.ObjectPrompts` in the original slice
+grid ``(H, W)``; logits come back as ``(N_objects, T, H, W)`` (or another ``output_size``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from monai_sam.prompts import ObjectPrompts, PromptError, SlicePrompt, validate_prompts
+
+__all__ = ["NO_OBJ_SCORE", "FrameSource", "TensorFrames", "VolumeFrames", "Sam2VolumeSegmenter"]
+
+logger = logging.getLogger(__name__)
+
+#: logit SAM2 gives an object on a slice where it predicts the object absent (sam2's value)
+NO_OBJ_SCORE = -1024.0
+
+Direction = Literal["both", "forward", "backward"]
+
+
+@runtime_checkable
+class FrameSource(Protocol):
+    """Preprocessed frames on demand: ``source([k0, k1, ...])`` -> ``(n, 3, S, S)`` tensor."""
+
+    def __len__(self) -> int: ...
+
+    def __call__(self, indices: Sequence[int]) -> Tensor: ...
+
+
+class TensorFrames:
+    """Frames already preprocessed and held in memory, ``(T, 3, S, S)``."""
+
+    def __init__(self, frames: Tensor) -> None:
+        if frames.ndim != 4 or frames.shape[1] != 3:
+            raise ValueError(f"frames must be (T, 3, S, S), got {tuple(frames.shape)}")
+        self.frames = frames
+
+    def __len__(self) -> int:
+        return int(self.frames.shape[0])
+
+    def __call__(self, indices: Sequence[int]) -> Tensor:
+        return self.frames[list(indices)]
+
+
+class VolumeFrames:
+    """Slices of a ``(C, H, W, T)`` volume preprocessed chunk by chunk (bounded memory).
+
+    ``preprocess`` maps a ``(C, H, W, n)`` slab to ``(3, S, S, n)``, e.g.
+    ``monai_sam.transforms.SamInput(image_size)``; it is applied to the requested slices only,
+    so a 1024-px copy of the whole volume never exists. Because `SamInput` resizes in-plane
+    only, a slab gives exactly the slices the whole volume would.
+    """
+
+    def __init__(self, volume: Tensor, preprocess: Callable[[Tensor], Tensor]) -> None:
+        if volume.ndim != 4:
+            raise ValueError(f"volume must be channel first (C, H, W, T), got {tuple(volume.shape)}")
+        # metadata tracking is not needed slice by slice (the caller keeps the geometry)
+        self.volume = volume.as_tensor() if hasattr(volume, "as_tensor") else volume
+        self.preprocess = preprocess
+
+    @property
+    def original_size(self) -> tuple[int, int]:
+        return int(self.volume.shape[1]), int(self.volume.shape[2])
+
+    def __len__(self) -> int:
+        return int(self.volume.shape[-1])
+
+    def __call__(self, indices: Sequence[int]) -> Tensor:
+        slab = self.volume[..., list(indices)]
+        out = torch.as_tensor(self.preprocess(slab))
+        if isinstance(out, torch.Tensor) and hasattr(out, "as_tensor"):
+            out = out.as_tensor()  # MetaTensor -> Tensor: no metadata tracking inside the network
+        return out.permute(3, 0, 1, 2).contiguous()
+
+
+def _as_frame_source(frames: Tensor | FrameSource) -> FrameSource:
+    if isinstance(frames, torch.Tensor):
+        return TensorFrames(frames.as_tensor() if hasattr(frames, "as_tensor") else frames)
+    if isinstance(frames, FrameSource):
+        return frames
+    raise TypeError(f"frames must be a (T, 3, S, S) tensor or a FrameSource, got {type(frames).__name__}")
+
+
+@dataclass
+class _Cohort:
+    """Objects that share their key slices: tracked together as one batch."""
+
+    rows: list[int]  # positions of the objects in the prompt list (= output rows)
+    key_slices: list[int]
+    start: int
+    output_dict: dict[str, dict[int, dict[str, Any]]] = field(
+        default_factory=lambda: {"cond_frame_outputs": {}, "non_cond_frame_outputs": {}}
+    )
+    maskmem_pos_enc: list[Tensor] | None = None
+
+
+class _FeatureStream:
+    """Per-slice features for the frame step, encoded in chunks in the order they are needed.
+
+    Only the last chunk is kept, so memory is bounded by ``batch_size`` slices of features
+    whatever the number of slices. With ``raw_features`` (a cache of `encode` outputs for all
+    slices) the encoder is not run at all.
+    """
+
+    def __init__(self, seg: Sam2VolumeSegmenter, frames: FrameSource | None, raw_features, num_frames: int,
+                 batch_size: int, keep_all: bool) -> None:
+        self.seg, self.frames, self.raw = seg, frames, raw_features
+        self.num_frames, self.batch_size, self.keep_all = num_frames, max(1, int(batch_size)), keep_all
+        self.cache: dict[int, tuple[list[Tensor], list[Tensor]]] = {}
+        self.encoded = 0  # how many slices went through the encoder (for tests and logs)
+
+    def _fill(self, indices: list[int]) -> None:
+        if self.raw is not None:
+            raw = {k: [x[indices] for x in v] for k, v in self.raw.items() if k in ("backbone_fpn", "vision_pos_enc")}
+        else:
+            images = self.frames(indices).to(self.seg.device, non_blocking=True).float()
+            with self.seg._autocast():
+                raw = self.seg.encode(images)
+            self.encoded += len(indices)
+        with self.seg._autocast():
+            prepared = self.seg.prepare_features(raw)
+        if not self.keep_all:
+            self.cache.clear()
+        for n, k in enumerate(indices):
+            self.cache[k] = (
+                [x[n : n + 1] for x in prepared["backbone_fpn"]],
+                [x[n : n + 1] for x in prepared["vision_pos_enc"]],
+            )
+
+    def get(self, frame_idx: int, step: int, batch: int):
+        """``(vision_feats, vision_pos_embeds, feat_sizes)`` of one slice expanded to ``batch``."""
+        if frame_idx not in self.cache:
+            if self.keep_all:
+                chunk = list(range(self.num_frames))
+            else:
+                chunk = [frame_idx + step * n for n in range(self.batch_size)]
+                chunk = [k for k in chunk if 0 <= k < self.num_frames]
+            self._fill(chunk)
+        fpn, pos = self.cache[frame_idx]
+        backbone_out = {
+            "backbone_fpn": [x.expand(batch, -1, -1, -1) for x in fpn],
+            "vision_pos_enc": [x.expand(batch, -1, -1, -1) for x in pos],
+        }
+        _, feats, pos_embeds, sizes = self.seg.model._prepare_backbone_features(backbone_out)
+        return feats, pos_embeds, sizes
+
+
+def _sam2_ext_available() -> bool:
+    try:
+        import sam2._C  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class Sam2VolumeSegmenter(nn.Module):
+    """Promptable volume segmentation with SAM2's memory over axial slices.
+
+    Args:
+        model: a ``sam2.modeling.sam2_base.SAM2Base`` (see `monai_sam.networks.build_sam2_model`).
+        encoder_batch_size: slices per image-encoder call; the features of one chunk are all
+            that is kept, which bounds memory (about 16 MB per slice at 1024 px in float32).
+        memory_dtype: dtype the memory features are stored in during inference (``bfloat16``
+            as ``SAM2VideoPredictor`` does; ``None`` keeps float32).
+        autocast_dtype: ``torch.bfloat16`` / ``torch.float16`` to run under autocast (CUDA;
+            on CPU only ``bfloat16`` is supported by torch); None runs in float32.
+        fill_hole_area: fill background holes up to this many low-res pixels in the masks, as
+            the video predictor does (8 there); needs sam2's CUDA extension and a CUDA tensor,
+            otherwise skipped, as in the predictor.
+        start: ``"object"``: each group of objects propagates from its own earliest key slice;
+            ``"earliest"``: all objects from the earliest key slice of any object, which is
+            what one ``SAM2VideoPredictor`` session with all objects does.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        encoder_batch_size: int = 8,
+        memory_dtype: torch.dtype | None = torch.bfloat16,
+        autocast_dtype: torch.dtype | None = None,
+        fill_hole_area: int = 8,
+        start: Literal["object", "earliest"] = "object",
+    ) -> None:
+        super().__init__()
+        for attr in ("image_encoder", "_track_step", "_encode_memory_in_output", "_prepare_backbone_features"):
+            if not hasattr(model, attr):
+                raise TypeError(f"model must be a sam2 SAM2Base (missing {attr}), got {type(model).__name__}")
+        if start not in ("object", "earliest"):
+            raise ValueError(f"start must be 'object' or 'earliest', got {start!r}")
+        if int(encoder_batch_size) < 1:
+            raise ValueError(f"encoder_batch_size must be >= 1, got {encoder_batch_size}")
+        self.model = model
+        self.encoder_batch_size = int(encoder_batch_size)
+        self.memory_dtype = memory_dtype
+        self.autocast_dtype = autocast_dtype
+        self.fill_hole_area = int(fill_hole_area)
+        self.start = start
+        self._has_ext = _sam2_ext_available()
+        self.last_encoded_slices = 0
+
+    # ------------------------------------------------------------------ basics
+    @property
+    def image_size(self) -> int:
+        return int(self.model.image_size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _autocast(self):
+        if self.autocast_dtype is not None and self.device.type in ("cuda", "cpu"):
+            return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+        return contextlib.nullcontext()
+
+    # ------------------------------------------------------------------ features
+    def encode(self, frames: Tensor) -> dict[str, list[Tensor]]:
+        """Raw image-encoder outputs of ``(n, 3, S, S)`` frames: what a frozen encoder's cache holds.
+
+        This is ``model.image_encoder`` only, *before* ``SAM2Base.forward_image`` applies the
+        mask decoder's trainable ``conv_s0``/``conv_s1``; `prepare_features` does that part.
+        """
+        out = self.model.image_encoder(frames)
+        return {"backbone_fpn": list(out["backbone_fpn"]), "vision_pos_enc": list(out["vision_pos_enc"])}
+
+    def prepare_features(self, raw: Mapping[str, Sequence[Tensor]]) -> dict[str, list[Tensor]]:
+        """Apply the decoder's high-res projections to raw encoder outputs, as ``forward_image`` does."""
+        fpn = list(raw["backbone_fpn"])
+        if self.model.use_high_res_features_in_sam:
+            fpn[0] = self.model.sam_mask_decoder.conv_s0(fpn[0])
+            fpn[1] = self.model.sam_mask_decoder.conv_s1(fpn[1])
+        return {"backbone_fpn": fpn, "vision_pos_enc": list(raw["vision_pos_enc"])}
+
+    # ------------------------------------------------------------------ prompts
+    def _model_prompt(self, p: SlicePrompt, original_size: tuple[int, int]) -> tuple[dict | None, Tensor | None]:
+        """A slice prompt in the model's input frame, as the video predictor scales it."""
+        h, w = original_size
+        s = self.image_size
+        dev = self.device
+        if p.mask is not None:  # a mask wins over a box/clicks on the same slice (SlicePrompt.kind)
+            m = torch.as_tensor(p.mask, dtype=torch.float32, device=dev)[None, None]
+            if (h, w) != (s, s):
+                m = F.interpolate(m, size=(s, s), mode="bilinear", align_corners=False, antialias=True)
+                m = (m >= 0.5).float()
+            return None, m
+        coords, labels = [], []
+        if p.box is not None:
+            coords.append(torch.as_tensor(p.box, dtype=torch.float32).reshape(2, 2))
+            labels.append(torch.tensor([2, 3], dtype=torch.int32))
+        if p.points is not None:
+            coords.append(torch.as_tensor(p.points, dtype=torch.float32).reshape(-1, 2))
+            labels.append(torch.as_tensor(p.point_labels, dtype=torch.int32).reshape(-1))
+        xy = torch.cat(coords)[None] / torch.tensor([w, h], dtype=torch.float32) * s
+        return {"point_coords": xy.to(dev), "point_labels": torch.cat(labels)[None].to(dev)}, None
+
+    # ------------------------------------------------------------------ frame step
+    def _step(self, frame_idx, is_cond, feats, pos, sizes, point_inputs, mask_inputs, output_dict, num_frames,
+              reverse, run_mem_encoder) -> dict[str, Any]:
+        """One frame of SAM2 tracking: ``track_step``'s two halves, keeping the object scores."""
+        m = self.model
+        current_out, sam_outputs, _, _ = m._track_step(
+            frame_idx, is_cond, feats, pos, sizes, point_inputs, mask_inputs, output_dict, num_frames, reverse, None
+        )
+        _, _, _, low_res_masks, high_res_masks, obj_ptr, object_score_logits = sam_outputs
+        current_out["pred_masks"] = low_res_masks
+        current_out["pred_masks_high_res"] = high_res_masks
+        current_out["obj_ptr"] = obj_ptr
+        current_out["object_score_logits"] = object_score_logits
+        m._encode_memory_in_output(feats, sizes, point_inputs, run_mem_encoder, high_res_masks,
+                                   object_score_logits, current_out)
+        return current_out
+
+    def _readable(self, output_dict: dict, frame_idx: int, reverse: bool) -> dict:
+        """The memory bank with the memories a slice can read back in float32.
+
+        They are stored in ``memory_dtype`` (bf16) like the video predictor does; sam2 then
+        concatenates them with the float32 object pointers, which promotes them exactly to
+        float32. With no pointer to concatenate (a slice tracked before its object's first key
+        slice) the bf16 memory would reach float32 weights and fail (the predictor fails there
+        on CPU), so the window is converted here: the same values, without the failure.
+        """
+        if self.memory_dtype is None or self.memory_dtype == torch.float32:
+            return output_dict
+
+        def as_float(out: dict) -> dict:
+            m = out.get("maskmem_features")
+            return out if m is None or m.dtype == torch.float32 else {**out, "maskmem_features": m.float()}
+
+        non_cond = dict(output_dict["non_cond_frame_outputs"])
+        if int(self.model.memory_temporal_stride_for_eval) == 1:
+            n = int(self.model.num_maskmem)
+            window = range(frame_idx + 1, frame_idx + n) if reverse else range(frame_idx - n + 1, frame_idx)
+        else:
+            window = list(non_cond)
+        for t in window:
+            if t in non_cond:
+                non_cond[t] = as_float(non_cond[t])
+        cond = {t: as_float(o) for t, o in output_dict["cond_frame_outputs"].items()}
+        return {"cond_frame_outputs": cond, "non_cond_frame_outputs": non_cond}
+
+    def _fill_holes(self, masks: Tensor) -> Tensor:
+        if self.fill_hole_area > 0 and self._has_ext and masks.is_cuda:
+            from sam2.utils.misc import fill_holes_in_mask_scores
+
+            return fill_holes_in_mask_scores(masks, self.fill_hole_area)
+        return masks
+
+    def _compact(self, out: dict[str, Any], cohort: _Cohort, differentiable: bool) -> dict[str, Any]:
+        """What the memory bank needs of one frame (the predictor keeps the same, in bf16)."""
+        feats = out["maskmem_features"]
+        if not differentiable and feats is not None and self.memory_dtype is not None:
+            feats = feats.to(self.memory_dtype)
+        pos = out["maskmem_pos_enc"]
+        if pos is not None and not differentiable:
+            if cohort.maskmem_pos_enc is None:  # the same for every frame: keep one copy
+                cohort.maskmem_pos_enc = pos
+            pos = cohort.maskmem_pos_enc
+        return {
+            "maskmem_features": feats,
+            "maskmem_pos_enc": pos,
+            "pred_masks": self._fill_holes(out["pred_masks"]) if not differentiable else out["pred_masks"],
+            "obj_ptr": out["obj_ptr"],
+            "object_score_logits": out["object_score_logits"],
+        }
+
+    # ------------------------------------------------------------------ the propagation
+    def _cohorts(self, prompts: list[ObjectPrompts], start: str) -> list[_Cohort]:
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for row, obj in enumerate(prompts):
+            groups.setdefault(tuple(obj.key_slices), []).append(row)
+        earliest = min(k[0] for k in groups)
+        return [_Cohort(rows, list(keys), earliest if start == "earliest" else keys[0]) for keys, rows in groups.items()]
+
+    def _check_inputs(self, source: FrameSource | None, features, prompts, original_size) -> tuple[int, tuple[int, int]]:
+        if features is not None:
+            num_frames = int(features["backbone_fpn"][0].shape[0])
+        elif source is not None:
+            num_frames = len(source)
+        else:
+            raise ValueError("give the frames (or cached encoder features) to segment")
+        if num_frames < 1:
+            raise ValueError("the volume has no slices")
+        if original_size is None:
+            original_size = getattr(source, "original_size", None) or (self.image_size, self.image_size)
+        original_size = (int(original_size[0]), int(original_size[1]))
+        if isinstance(prompts, ObjectPrompts):
+            prompts = [prompts]
+        validate_prompts(list(prompts or []), original_size, num_frames)
+        if source is not None and features is None:
+            probe = source([0])
+            if probe.ndim != 4 or tuple(probe.shape[1:]) != (3, self.image_size, self.image_size):
+                raise ValueError(
+                    f"frames are {tuple(probe.shape[1:])} per slice but the model expects (3, {self.image_size}, "
+                    f"{self.image_size}); preprocess them with SamInput(image_size={self.image_size})"
+                )
+        return num_frames, original_size
+
+    def _run(self, source, features, prompts, original_size, output_size, direction, start, differentiable,
+             output_device, progress) -> tuple[Any, Any]:
+        if direction not in ("both", "forward", "backward"):
+            raise ValueError(f"direction must be 'both', 'forward' or 'backward', got {direction!r}")
+        start = start or self.start
+        if start not in ("object", "earliest"):
+            raise ValueError(f"start must be 'object' or 'earliest', got {start!r}")
+        num_frames, original_size = self._check_inputs(source, features, prompts, original_size)
+        prompts = [prompts] if isinstance(prompts, ObjectPrompts) else list(prompts)
+        out_hw = tuple(int(v) for v in (output_size or original_size))
+        n_obj = len(prompts)
+        stream = _FeatureStream(self, source, features, num_frames, self.encoder_batch_size, keep_all=differentiable)
+        cohorts = self._cohorts(prompts, start)
+        num_maskmem = int(self.model.num_maskmem)
+        can_prune = not differentiable and int(self.model.memory_temporal_stride_for_eval) == 1
+
+        if differentiable:
+            results: dict[tuple[int, int], Tensor] = {}
+            scores: dict[tuple[int, int], Tensor] = {}
+            logits = None
+        else:
+            logits = torch.full((n_obj, num_frames, *out_hw), NO_OBJ_SCORE, dtype=torch.float32, device=output_device)
+
+        def record(cohort: _Cohort, f: int, out: dict[str, Any]) -> None:
+            low = out["pred_masks"]
+            if differentiable:
+                results[(id(cohort), f)] = low
+                scores[(id(cohort), f)] = out["object_score_logits"]
+                return
+            up = low.float()
+            if tuple(up.shape[-2:]) != out_hw:
+                up = F.interpolate(up, size=out_hw, mode="bilinear", align_corners=False)
+            logits[cohort.rows, f] = up[:, 0].to(output_device)
+
+        # 1) conditioning slices: each object alone (prompts differ in kind and click count),
+        #    then its memory, then the objects of a cohort stacked into one batch
+        cond_jobs = sorted({k for c in cohorts for k in c.key_slices})
+        for k in cond_jobs:
+            for cohort in (c for c in cohorts if k in c.key_slices):
+                per_obj = []
+                for row in cohort.rows:
+                    sp = next(p for p in prompts[row].slices if p.slice_index == k)
+                    point_inputs, mask_inputs = self._model_prompt(sp, original_size)
+                    feats, pos, sizes = stream.get(k, +1, 1)
+                    with self._autocast():
+                        out = self._step(k, True, feats, pos, sizes, point_inputs, mask_inputs,
+                                         {"cond_frame_outputs": {}, "non_cond_frame_outputs": {}}, num_frames,
+                                         False, run_mem_encoder=differentiable and self.model.training)
+                        if out["maskmem_features"] is None:
+                            # as SAM2VideoPredictor.propagate_in_video_preflight: memory from the
+                            # (hole-filled) low-res mask upsampled, binarised as a user-given input
+                            out["pred_masks"] = self._fill_holes(out["pred_masks"])
+                            hi = F.interpolate(out["pred_masks"], size=(self.image_size,) * 2, mode="bilinear",
+                                               align_corners=False)
+                            out["maskmem_features"], out["maskmem_pos_enc"] = self.model._encode_new_memory(
+                                current_vision_feats=feats, feat_sizes=sizes, pred_masks_high_res=hi,
+                                object_score_logits=out["object_score_logits"], is_mask_from_pts=True,
+                            )
+                    per_obj.append(out)
+                merged = {
+                    key: (torch.cat([o[key] for o in per_obj]) if key != "maskmem_pos_enc"
+                          else [torch.cat(t) for t in zip(*(o[key] for o in per_obj))])
+                    for key in ("maskmem_features", "maskmem_pos_enc", "pred_masks", "obj_ptr", "object_score_logits")
+                }
+                cohort.output_dict["cond_frame_outputs"][k] = self._compact(merged, cohort, differentiable)
+
+        # 2) propagate: forward from the start slice to the end, then backward to the first slice
+        passes: list[tuple[int, bool]] = []
+        if direction in ("both", "forward"):
+            passes.append((+1, False))
+        if direction in ("both", "backward"):
+            passes.append((-1, True))
+        for step, reverse in passes:
+            if step > 0:
+                order = range(min(c.start for c in cohorts), num_frames)
+            else:
+                order = range(max(c.start for c in cohorts), -1, -1)
+            for f in _progress(order, progress, "propagate backward" if reverse else "propagate forward"):
+                for cohort in cohorts:
+                    if (step > 0 and f < cohort.start) or (step < 0 and f > cohort.start):
+                        continue
+                    cond = cohort.output_dict["cond_frame_outputs"]
+                    non_cond = cohort.output_dict["non_cond_frame_outputs"]
+                    if f in cond:
+                        record(cohort, f, cond[f])
+                        continue
+                    feats, pos, sizes = stream.get(f, step, len(cohort.rows))
+                    with self._autocast():
+                        memory = cohort.output_dict if differentiable else self._readable(cohort.output_dict, f, reverse)
+                        out = self._step(f, False, feats, pos, sizes, None, None, memory, num_frames, reverse,
+                                         run_mem_encoder=True)
+                    compact = self._compact(out, cohort, differentiable)
+                    non_cond[f] = compact
+                    record(cohort, f, compact)
+                    if can_prune:
+                        self._prune(cohort, f, step, num_maskmem, direction)
+        self.last_encoded_slices = stream.encoded
+
+        if not differentiable:
+            return logits, None
+        # assemble (N, T, h, w) keeping the autograd graph
+        low_hw = next(iter(results.values())).shape[-2:]
+        fill = torch.full((1, *low_hw), NO_OBJ_SCORE, device=self.device)
+        rows: list[list[Tensor]] = [[fill] * num_frames for _ in range(n_obj)]
+        obj_scores: list[list[Tensor]] = [[torch.full((), NO_OBJ_SCORE, device=self.device)] * num_frames
+                                          for _ in range(n_obj)]
+        for cohort in cohorts:
+            for f in range(num_frames):
+                low = results.get((id(cohort), f))
+                if low is None:
+                    continue
+                for n, row in enumerate(cohort.rows):
+                    rows[row][f] = low[n]
+                    obj_scores[row][f] = scores[(id(cohort), f)][n].reshape(())
+        stacked = torch.stack([torch.cat(r) for r in rows]).float()  # (N, T, h, w)
+        if tuple(stacked.shape[-2:]) != out_hw:
+            stacked = F.interpolate(stacked, size=out_hw, mode="bilinear", align_corners=False)
+        return stacked, torch.stack([torch.stack(s) for s in obj_scores])
+
+    @staticmethod
+    def _prune(cohort: _Cohort, f: int, step: int, num_maskmem: int, direction: str) -> None:
+        """Drop spatial memories no later slice can attend to (object pointers are kept: tiny)."""
+        non_cond = cohort.output_dict["non_cond_frame_outputs"]
+        old = f - step * (num_maskmem - 1)
+        if old not in non_cond:
+            return
+        # the backward pass re-reads the first (num_maskmem - 1) slices after the start slice
+        if step > 0 and direction == "both" and old <= cohort.start + num_maskmem - 1:
+            return
+        non_cond[old] = {**non_cond[old], "maskmem_features": None, "pred_masks": None}
+
+    # ------------------------------------------------------------------ public entry points
+    @torch.inference_mode()
+    def propagate(
+        self,
+        frames: Tensor | FrameSource | None,
+        prompts: Sequence[ObjectPrompts] | ObjectPrompts,
+        original_size: tuple[int, int] | None = None,
+        output_size: tuple[int, int] | None = None,
+        direction: Direction = "both",
+        start: Literal["object", "earliest"] | None = None,
+        features: Mapping[str, Sequence[Tensor]] | None = None,
+        output_device: str | torch.device = "cpu",
+        progress: bool = False,
+    ) -> Tensor:
+        """Inference: logits ``(N_objects, T, H, W)`` for every object on every slice.
+
+        Args:
+            frames: ``(T, 3, S, S)`` preprocessed slices, or a `FrameSource` (e.g.
+                `VolumeFrames`) that preprocesses them on demand.
+            prompts: one `ObjectPrompts` per object, in the original slice grid.
+            original_size: ``(H, W)`` of the slices the prompts were drawn on (defaults to the
+                source's ``original_size``, else ``(S, S)``).
+            output_size: size of the returned logits (default ``original_size``).
+            direction: ``"both"`` (forward then backward, the default), or only one pass;
+                slices a pass does not reach keep ``NO_OBJ_SCORE``.
+            start: overrides the constructor's ``start``.
+            features: cached `encode` outputs for all T slices, instead of ``frames``.
+            output_device: where the logits are collected (CPU by default: GPU memory stays
+                bounded by the model and one chunk of slices).
+            progress: show tqdm bars.
+        Raises:
+            PromptError: a prompt that does not fit the volume (outside, out of range, empty...).
+        """
+        source = _as_frame_source(frames) if frames is not None else None
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            logits, _ = self._run(source, features, prompts, original_size, output_size, direction, start,
+                                  differentiable=False, output_device=output_device, progress=progress)
+        finally:
+            self.model.train(was_training)
+        return logits
+
+    def forward(
+        self,
+        frames: Tensor | FrameSource | None,
+        prompts: Sequence[ObjectPrompts] | ObjectPrompts,
+        original_size: tuple[int, int] | None = None,
+        output_size: tuple[int, int] | None = None,
+        direction: Direction = "both",
+        start: Literal["object", "earliest"] | None = None,
+        features: Mapping[str, Sequence[Tensor]] | None = None,
+    ) -> dict[str, Tensor]:
+        """Training path: the same propagation with gradients, all slices' features kept.
+
+        In ``train()`` mode the prompted slices write their memory directly from the predicted
+        high-res masks, as sam2's ``SAM2Train`` does. Returns ``{"logits": (N, T, h, w),
+        "object_score_logits": (N, T)}`` with ``(h, w)`` = ``output_size`` or the original size.
+        """
+        source = _as_frame_source(frames) if frames is not None else None
+        logits, obj_scores = self._run(source, features, prompts, original_size, output_size, direction, start,
+                                       differentiable=True, output_device=self.device, progress=False)
+        return {"logits": logits, "object_score_logits": obj_scores}
+
+
+def _progress(order: range, enabled: bool, desc: str) -> Iterator[int]:
+    if not enabled:
+        return iter(order)
+    from tqdm.auto import tqdm
+
+    return iter(tqdm(order, desc=desc, leave=False))
+
+
+def frames_from_sam_input(image: Tensor) -> Tensor:
+    """``(3, S, S, T)`` (`SamInput` output, batch dim allowed) -> ``(T, 3, S, S)`` frames."""
+    if image.ndim == 5:
+        if image.shape[0] != 1:
+            raise ValueError(f"one volume at a time, got a batch of {image.shape[0]}")
+        image = image[0]
+    if image.ndim != 4 or image.shape[0] != 3:
+        raise ValueError(f"expected a (3, S, S, T) SamInput volume, got {tuple(image.shape)}")
+    return image.permute(3, 0, 1, 2)
+
+
+def video_predictor_logits(
+    predictor: nn.Module,
+    prompts: Sequence[ObjectPrompts],
+    original_size: tuple[int, int],
+    frames: Tensor | None = None,
+    video_path: str | None = None,
+    direction: Direction = "both",
+    start: Literal["object", "earliest"] = "object",
+) -> Tensor:
+    """The same segmentation by ``sam2``'s own ``SAM2VideoPredictor``: the reference.
+
+    Either ``frames`` ``(T, 3, S, S)`` (fed to ``init_state`` as a tensor, standing in for
+    ``load_video_frames``) or ``video_path`` (a JPEG folder, as MONAI Label does). Prompts are
+    added with ``add_new_points_or_box`` / ``add_new_mask`` in slice order, then
+    ``propagate_in_video`` runs forward and/or with ``reverse=True``. ``start="object"`` runs one
+    predictor session per group of objects sharing key slices (each starts at its own earliest
+    key slice), ``"earliest"`` one session with all objects. Returns ``(N, T, H, W)`` logits.
+    """
+    import sam2.sam2_video_predictor as svp
+
+    h, w = int(original_size[0]), int(original_size[1])
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for row, obj in enumerate(prompts):
+        key = tuple(obj.key_slices) if start == "object" else ()
+        groups.setdefault(key, []).append(row)
+    logits: Tensor | None = None
+    for rows in groups.values():
+        if video_path is None:
+            if frames is None:
+                raise ValueError("give frames or video_path")
+            original_loader = svp.load_video_frames
+            svp.load_video_frames = lambda **kw: (frames.to(kw["compute_device"]).float(), h, w)
+            try:
+                state = predictor.init_state(video_path="<in-memory frames>")
+            finally:
+                svp.load_video_frames = original_loader
+        else:
+            state = predictor.init_state(video_path=str(video_path))
+        num_frames = int(state["num_frames"])
+        if logits is None:
+            logits = torch.full((len(prompts), num_frames, h, w), NO_OBJ_SCORE)
+        for row in rows:
+            obj = prompts[row]
+            for sp in sorted(obj.slices, key=lambda p: p.slice_index):
+                if sp.mask is not None:
+                    predictor.add_new_mask(state, sp.slice_index, obj.object_id, torch.as_tensor(sp.mask))
+                else:
+                    predictor.add_new_points_or_box(
+                        state, sp.slice_index, obj.object_id,
+                        points=None if sp.points is None else sp.points,
+                        labels=None if sp.points is None else sp.point_labels,
+                        box=sp.box,
+                    )
+        passes = [r for r, on in ((False, direction in ("both", "forward")), (True, direction in ("both", "backward")))
+                  if on]
+        for reverse in passes:
+            for f, obj_ids, masks in predictor.propagate_in_video(state, reverse=reverse):
+                by_id = {oid: n for n, oid in enumerate(obj_ids)}
+                for row in rows:
+                    logits[row, f] = masks[by_id[prompts[row].object_id], 0].float().cpu()
+        predictor.reset_state(state)
+    return logits
+
+
+__all__ += ["frames_from_sam_input", "video_predictor_logits", "PromptError"]

@@ -1,0 +1,87 @@
+"""Frozen-encoder trainer: only the chosen parts train, and the feature cache changes nothing."""
+
+import numpy as np
+import pytest
+import torch
+from ignite.engine import Events
+from torch.utils.data import DataLoader
+
+from monai_sam.data import make_phantom
+from monai_sam.engines.feature_cache import FeatureCache, encoder_identity
+from monai_sam.engines.trainer import (
+    FrozenEncoderTrainer,
+    collate_as_list,
+    freeze_for_training,
+    trainable_param_groups,
+)
+from monai_sam.networks import Sam2VolumeSegmenter, build_sam2_model
+from monai_sam.transforms import CTWindow, SamInput, box_from_mask
+from monai_sam.prompts import ObjectPrompts, SlicePrompt
+
+SIZE = 128
+
+
+def _samples(n=2, t=4):
+    """Short phantom sequences at 128 px with a box on the first slice of each organ."""
+    out = []
+    for seed in range(n):
+        ph = make_phantom("ct", seed, shape=(64, 64, 24), spacing=(3.2, 3.2, 6.7))
+        z0 = 8
+        img = CTWindow("abdomen")(torch.as_tensor(ph.image[None, :, :, z0 : z0 + t]))
+        lab = torch.as_tensor(ph.label[None, :, :, z0 : z0 + t].astype(np.int64))
+        prompts = []
+        for obj in (1, 2):
+            mask = lab[0, :, :, 0].numpy() == obj
+            if mask.any():
+                prompts.append(ObjectPrompts(obj, slices=[SlicePrompt(0, box=box_from_mask(mask))]))
+        out.append({"image": SamInput(SIZE)(img), "label": lab, "prompts": prompts})
+    return out
+
+
+def _segmenter():
+    torch.manual_seed(0)
+    return Sam2VolumeSegmenter(build_sam2_model("sam2.1_hiera_t", image_size=SIZE, mode="train"),
+                               memory_dtype=None)
+
+
+def _train(cache_dir=None, epochs=2):
+    torch.manual_seed(0)
+    seg = _segmenter()
+    groups = trainable_param_groups(seg.model, {"mask_decoder": 1e-4, "memory_attention": 5e-5})
+    opt = torch.optim.AdamW(groups)
+    cache = None
+    if cache_dir is not None:
+        cache = FeatureCache(cache_dir, encoder_identity("sam2.1_hiera_t", seg.model.image_encoder, SIZE))
+    losses = []
+    trainer = FrozenEncoderTrainer("cpu", epochs, DataLoader(_samples(), batch_size=2, collate_fn=collate_as_list),
+                                   seg, opt, feature_cache=cache)
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(float(e.state.output["loss"])))
+    trainer.run()
+    return seg, losses, cache
+
+
+def test_only_chosen_parts_train():
+    seg = _segmenter()
+    groups = freeze_for_training(seg.model, ["mask_decoder"])
+    trainable = {n for n, p in seg.model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("sam_mask_decoder.") for n in trainable)
+    assert not any(p.requires_grad for p in seg.model.image_encoder.parameters())
+    assert sum(p.numel() for p in groups["mask_decoder"]) == sum(
+        p.numel() for p in seg.model.sam_mask_decoder.parameters())
+    with pytest.raises(ValueError, match="unknown trainable part"):
+        freeze_for_training(seg.model, ["image_encoder"])
+
+
+def test_training_changes_decoder_not_encoder_and_cache_gives_same_losses(tmp_path):
+    ref = _segmenter()
+    seg, losses_off, _ = _train(None)
+    assert all(np.isfinite(losses_off)) and len(losses_off) == 2
+    enc_ref, enc = ref.model.image_encoder.state_dict(), seg.model.image_encoder.state_dict()
+    assert all(torch.equal(enc_ref[k], enc[k]) for k in enc_ref), "the frozen encoder must not change"
+    dec_ref, dec = ref.model.sam_mask_decoder.state_dict(), seg.model.sam_mask_decoder.state_dict()
+    assert any(not torch.equal(dec_ref[k], dec[k]) for k in dec_ref), "the mask decoder must train"
+    assert not seg.model.image_encoder.training
+
+    _, losses_on, cache = _train(tmp_path / "cache")
+    assert cache.stats.misses == 8 and cache.stats.hits == 8  # epoch 1 fills, epoch 2 reads
+    np.testing.assert_allclose(losses_on, losses_off, atol=1e-5)
