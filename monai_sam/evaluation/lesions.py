@@ -37,7 +37,7 @@ from scipy.spatial import ConvexHull
 from scipy.spatial.distance import pdist
 
 # module-private in metrics.py; imported rather than copied (they should be made public)
-from monai_sam.evaluation.metrics import _nanmean, _write_csv
+from monai_sam.evaluation.metrics import nanmean, write_csv
 
 __all__ = [
     "SIZE_BINS",
@@ -355,13 +355,13 @@ def summarize_lesions(rows: Sequence[LesionRow], cases: Sequence[CaseLesionSumma
                 "lesions": len(rs),
                 "detected": sum(r.detected for r in rs),
                 "sensitivity": sum(r.detected for r in rs) / len(rs) if rs else float("nan"),
-                "case_sensitivity": _nanmean([float(np.mean(d)) if d else float("nan") for d in per_case]),
-                "lesion_dice": _nanmean([r.lesion_dice for r in rs]),
+                "case_sensitivity": nanmean([float(np.mean(d)) if d else float("nan") for d in per_case]),
+                "lesion_dice": nanmean([r.lesion_dice for r in rs]),
                 "fp": int(fp),
                 "fp_per_case": fp / len(cs) if cs else float("nan"),
             }
             if bin_name == "all":
-                row["voxel_dice"] = _nanmean([c.voxel_dice for c in cs])
+                row["voxel_dice"] = nanmean([c.voxel_dice for c in cs])
             out.append(row)
     return out
 
@@ -374,17 +374,17 @@ SUMMARY_FIELDS = [
 
 def write_lesions_csv(rows: Sequence[LesionRow], path: str | os.PathLike) -> Path:
     """One row per true lesion (atomic write); tuples are written space-separated."""
-    return _write_csv(path, list(LesionRow.__dataclass_fields__), [_flat(asdict(r)) for r in rows])
+    return write_csv(path, list(LesionRow.__dataclass_fields__), [_flat(asdict(r)) for r in rows])
 
 
 def write_lesion_cases_csv(cases: Sequence[CaseLesionSummary], path: str | os.PathLike) -> Path:
     """One row per case (atomic write)."""
-    return _write_csv(path, list(CaseLesionSummary.__dataclass_fields__), [_flat(asdict(c)) for c in cases])
+    return write_csv(path, list(CaseLesionSummary.__dataclass_fields__), [_flat(asdict(c)) for c in cases])
 
 
 def write_lesion_summary_csv(summary: Sequence[Mapping], path: str | os.PathLike) -> Path:
     """The table of :func:`summarize_lesions` (atomic write; blank where not applicable)."""
-    return _write_csv(path, SUMMARY_FIELDS, summary)
+    return write_csv(path, SUMMARY_FIELDS, summary)
 
 
 # ----------------------------------------------------------------------------------------------

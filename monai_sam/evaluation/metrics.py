@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from monai.metrics import compute_dice, compute_hausdorff_distance, compute_surface_dice
 
-__all__ = ["ClassScore", "score_case", "summarize", "write_scores_csv", "write_summary_csv"]
+__all__ = ["ClassScore", "nanmean", "score_case", "summarize", "write_csv", "write_scores_csv", "write_summary_csv"]
 
 
 @dataclass
@@ -102,9 +102,9 @@ def summarize(scores: Sequence[ClassScore]) -> list[dict]:
                     "label": label,
                     "name": cls[0].name,
                     "cases": sum(not math.isnan(s.dice) for s in cls),
-                    "dice": _nanmean([s.dice for s in cls]),
-                    "hd95_mm": _nanmean([s.hd95_mm for s in cls]),
-                    "surface_dice": _nanmean([s.surface_dice for s in cls]),
+                    "dice": nanmean([s.dice for s in cls]),
+                    "hd95_mm": nanmean([s.hd95_mm for s in cls]),
+                    "surface_dice": nanmean([s.surface_dice for s in cls]),
                 }
             )
         rows += class_rows
@@ -114,9 +114,9 @@ def summarize(scores: Sequence[ClassScore]) -> list[dict]:
                 "label": "mean",
                 "name": "mean over classes",
                 "cases": len({s.case for s in sub}),
-                "dice": _nanmean([r["dice"] for r in class_rows]),
-                "hd95_mm": _nanmean([r["hd95_mm"] for r in class_rows]),
-                "surface_dice": _nanmean([r["surface_dice"] for r in class_rows]),
+                "dice": nanmean([r["dice"] for r in class_rows]),
+                "hd95_mm": nanmean([r["hd95_mm"] for r in class_rows]),
+                "surface_dice": nanmean([r["surface_dice"] for r in class_rows]),
             }
         )
     return rows
@@ -125,20 +125,22 @@ def summarize(scores: Sequence[ClassScore]) -> list[dict]:
 def write_scores_csv(scores: Sequence[ClassScore], path: str | os.PathLike) -> Path:
     """One row per case and class (atomic write)."""
     fields = list(ClassScore.__dataclass_fields__)
-    return _write_csv(path, fields, [asdict(s) for s in scores])
+    return write_csv(path, fields, [asdict(s) for s in scores])
 
 
 def write_summary_csv(summary: Sequence[Mapping], path: str | os.PathLike) -> Path:
     fields = ["prompt_source", "label", "name", "cases", "dice", "hd95_mm", "surface_dice"]
-    return _write_csv(path, fields, summary)
+    return write_csv(path, fields, summary)
 
 
-def _nanmean(values: Sequence[float]) -> float:
+def nanmean(values: Sequence[float]) -> float:
+    """Mean of the defined values (NaN marks 'excluded', e.g. a class absent on both sides)."""
     vals = [v for v in values if not math.isnan(v)]
     return float(np.mean(vals)) if vals else float("nan")
 
 
-def _write_csv(path: str | os.PathLike, fields: Sequence[str], rows: Sequence[Mapping]) -> Path:
+def write_csv(path: str | os.PathLike, fields: Sequence[str], rows: Sequence[Mapping]) -> Path:
+    """Write rows atomically (temp file + rename): a crash never leaves half a table."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".csv.tmp")
