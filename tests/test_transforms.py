@@ -320,3 +320,26 @@ def test_prompt_from_label_deterministic_and_errors():
         RandPromptFromLabeld(mode_probs={"box": 1, "mask": 1}, key_slices="middle", deterministic=True)
     with pytest.raises(ValueError, match="empty label"):
         RandPromptFromLabeld()({"label": torch.zeros(1, 4, 4, 3)})
+
+
+def test_shared_key_slices_prompt_all_objects_on_the_same_slices():
+    """One set of key slices for every object: they form one cohort for the memory network."""
+    from monai_sam.transforms import RandPromptFromLabeld
+
+    label = np.zeros((1, 16, 16, 6), np.int64)
+    label[0, 2:6, 2:6, 0:4] = 1  # object 1 on slices 0-3
+    label[0, 8:12, 8:12, 2:6] = 2  # object 2 on slices 2-5
+    label[0, 12:14, 2:4, 5] = 3  # object 3 only on slice 5
+    t = RandPromptFromLabeld(key_slices="largest", num_key_slices=1, mode_probs={"box": 1}, shared_key_slices=True)
+    out = t({"label": label})["prompts"]
+    keys = {o.object_id: o.key_slices for o in out}
+    # slices 2 and 3 hold two objects (the most); "largest" takes the first of them
+    assert keys == {1: [2], 2: [2]}, keys
+    t = RandPromptFromLabeld(key_slices="random", num_key_slices=2, mode_probs={"box": 1}, shared_key_slices=True)
+    t.set_random_state(3)
+    for _ in range(5):
+        out = t({"label": label})["prompts"]
+        slices = {k for o in out for k in o.key_slices}
+        assert len(slices) <= 2
+        for o in out:
+            assert all(label[0, :, :, k][label[0, :, :, k] == o.object_id].size for k in o.key_slices)

@@ -91,6 +91,7 @@ __all__ = [
     "MODALITIES",
     "PHANTOM_KINDS",
     "Phantom",
+    "ensure_phantom_dataset",
     "make_phantom",
     "save_phantom",
     "write_phantom_dataset",
@@ -1380,3 +1381,29 @@ def write_phantom_dataset(
     if dicom:
         logger.info("DICOM series are in %s", out_dir / "dicom")
     return json_path
+
+
+def ensure_phantom_dataset(
+    dataset_dir: str | Path,
+    kind: str = "ct",
+    num_cases: int = 10,
+    seed: int = 0,
+    shape: tuple[int, int, int] | None = None,
+    spacing: tuple[float, float, float] | None = None,
+) -> Path:
+    """``dataset_dir/dataset.json``, generating the phantom dataset first if the folder is absent.
+
+    This is how bundles get their embedded default data on a fresh machine. A folder that
+    exists without a ``dataset.json`` is someone's data, not ours to fill: that is an error.
+    """
+    dataset_dir = Path(dataset_dir)
+    dataset_json = dataset_dir / "dataset.json"
+    if dataset_json.is_file():
+        return dataset_json
+    if dataset_dir.exists() and any(dataset_dir.iterdir()):
+        raise FileNotFoundError(
+            f"{dataset_dir} exists but has no dataset.json; point dataset_dir at a Decathlon-style folder "
+            "(imagesTr/, labelsTr/, dataset.json) or at a folder that does not exist yet to generate phantoms"
+        )
+    logger.info("dataset_dir %s is absent: generating %d synthetic %s phantoms there", dataset_dir, num_cases, kind)
+    return write_phantom_dataset(kind, num_cases, dataset_dir, seed=seed, shape=shape, spacing=spacing)

@@ -1,1 +1,39 @@
-"""engines"""
+"""Engines: the frozen-encoder trainer, the prompted volume evaluator, the feature cache, handlers."""
+
+from monai_sam.engines.checkpoint import (
+    CheckpointMismatchError,
+    TrainableCheckpoint,
+    latest_checkpoint,
+    load_trained_parts,
+)
+from monai_sam.engines.evaluator import PRED_LABEL, PromptedVolumeEvaluator
+from monai_sam.engines.feature_cache import FeatureCache, encoder_identity, tensor_content_hash
+from monai_sam.engines.handlers import ClassMetricsWriter, ResumeFromLatest
+from monai_sam.engines.trainer import (
+    TRAINABLE_PARTS,
+    FrozenEncoderTrainer,
+    SequenceSegmentationLoss,
+    collate_as_list,
+    freeze_for_training,
+    trainable_param_groups,
+)
+
+__all__ = [
+    "PRED_LABEL",
+    "TRAINABLE_PARTS",
+    "CheckpointMismatchError",
+    "ClassMetricsWriter",
+    "FeatureCache",
+    "FrozenEncoderTrainer",
+    "PromptedVolumeEvaluator",
+    "ResumeFromLatest",
+    "SequenceSegmentationLoss",
+    "TrainableCheckpoint",
+    "collate_as_list",
+    "encoder_identity",
+    "freeze_for_training",
+    "latest_checkpoint",
+    "load_trained_parts",
+    "tensor_content_hash",
+    "trainable_param_groups",
+]

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from monai.engines import SupervisedTrainer
 from monai.losses import DiceFocalLoss
-from monai.utils import CommonKeys
+from monai.utils import CommonKeys, convert_to_tensor
 from torch import Tensor, nn
 
 from monai_sam.engines.feature_cache import FeatureCache
@@ -29,6 +29,7 @@ __all__ = [
     "SequenceSegmentationLoss",
     "collate_as_list",
     "freeze_for_training",
+    "plain_tensor",
     "trainable_param_groups",
 ]
 
@@ -89,6 +90,12 @@ def trainable_param_groups(
     return out
 
 
+def plain_tensor(x: Any) -> Tensor:
+    """A plain ``torch.Tensor`` (no MetaTensor): metadata tracking on every op of SAM2's many
+    small steps costs more than the maths."""
+    return convert_to_tensor(x, track_meta=False)
+
+
 def collate_as_list(batch: list[dict]) -> list[dict]:
     """Keep a batch as a list of samples: prompts and sequences differ per sample."""
     return list(batch)
@@ -146,9 +153,14 @@ class FrozenEncoderTrainer(SupervisedTrainer):
         )
         self.feature_cache = feature_cache
 
+    @property
+    def segmenter(self) -> Sam2VolumeSegmenter:
+        """The `Sam2VolumeSegmenter`, unwrapped from DistributedDataParallel when wrapped."""
+        return getattr(self.network, "module", self.network)
+
     def encoder_features(self, frames: Tensor) -> dict[str, list[Tensor]]:
         """Raw encoder outputs for ``(T, 3, S, S)`` frames, through the cache when there is one."""
-        seg: Sam2VolumeSegmenter = self.network
+        seg = self.segmenter
         with torch.no_grad():
             if self.feature_cache is None:
                 return seg.encode(frames.to(self.state.device))
@@ -158,18 +170,19 @@ class FrozenEncoderTrainer(SupervisedTrainer):
             return _stack_slices(per_slice, seg, self.state.device)
 
     def _iteration(self, engine, batchdata: list[dict]) -> dict[str, Any]:  # type: ignore[override]
-        seg: Sam2VolumeSegmenter = self.network
+        seg = self.segmenter
         seg.train()
         seg.model.image_encoder.eval()
         self.optimizer.zero_grad(set_to_none=self.optim_set_to_none)
         total = torch.zeros((), device=self.state.device)
         for item in batchdata:
-            frames = frames_from_sam_input(torch.as_tensor(item[CommonKeys.IMAGE]))
-            label = torch.as_tensor(item[CommonKeys.LABEL]).to(self.state.device)
+            frames = frames_from_sam_input(plain_tensor(item[CommonKeys.IMAGE]))
+            label = plain_tensor(item[CommonKeys.LABEL]).to(self.state.device)
             prompts = item["prompts"]
             features = self.encoder_features(frames)
             with torch.autocast(self.state.device.type, enabled=self.amp):
-                out = seg(None, prompts, original_size=tuple(label.shape[-3:-1]), features=features)
+                # through self.network so that DDP synchronises the gradients
+                out = self.network(None, prompts, original_size=tuple(label.shape[-3:-1]), features=features)
                 loss = self.loss_function(out["logits"].float(), object_targets(label, prompts))
             total = total + loss / len(batchdata)
         if self.amp and self.scaler is not None:

@@ -1,11 +1,12 @@
 """MONAI dict transforms for SAM/SAM2 on CT and MRI: intensity presets, SAM input, slices, prompts."""
 
 from .intensity import CT_WINDOWS, CTWindow, CTWindowd, MRPercentileScale, MRPercentileScaled, ct_window_range
-from .prompts import PROMPT_MODES, PromptFromLabeld, RandPromptFromLabeld, box_from_mask, clicks_from_mask
+from .prompts import PROMPT_MODES, LoadPromptFiled, PromptFromLabeld, RandPromptFromLabeld, box_from_mask, clicks_from_mask
 from .sam_input import IMAGENET_MEAN, IMAGENET_STD, SAM_ORIGINAL_SIZE_KEY, SamInput, SamInputd
 from .slices import SampleSliceSequenced, present_labels, source_name
 
 __all__ = [
+    "LoadPromptFiled",
     "CT_WINDOWS",
     "ct_window_range",
     "CTWindow",

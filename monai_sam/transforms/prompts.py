@@ -28,6 +28,7 @@ __all__ = [
     "clicks_from_mask",
     "RandPromptFromLabeld",
     "PromptFromLabeld",
+    "LoadPromptFiled",
 ]
 
 Rng = np.random.RandomState | np.random.Generator
@@ -193,6 +194,11 @@ class RandPromptFromLabeld(Randomizable, MapTransform):
         deterministic: no randomness at all (oracle prompts for evaluation and inference):
             ``key_slices`` must not be ``"random"``, ``mode_probs`` must name a single mode, boxes
             are exact and clicks start at the most interior pixel. `PromptFromLabeld` sets it.
+        shared_key_slices: choose the key slices once for all objects (ranked by how many
+            objects they hold, with the ``key_slices`` rule) and prompt each object on those of
+            them it appears on; objects on none of them get no prompt. All objects then share
+            their conditioning slices, so the memory network tracks them as one batch (training
+            is several times faster than with a separate key slice per object).
         allow_missing_keys: do nothing when ``label_key`` is absent.
 
     Raises:
@@ -216,9 +222,11 @@ class RandPromptFromLabeld(Randomizable, MapTransform):
         negative_margin: int = 10,
         label_names: Mapping[int, str] | None = None,
         deterministic: bool = False,
+        shared_key_slices: bool = False,
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(label_key, allow_missing_keys)
+        self.shared_key_slices = bool(shared_key_slices)
         mode_probs = {"box": 0.5, "clicks": 0.25, "mask": 0.25} if mode_probs is None else dict(mode_probs)
         unknown = sorted(set(mode_probs) - set(PROMPT_MODES))
         if unknown:
@@ -330,11 +338,19 @@ class RandPromptFromLabeld(Randomizable, MapTransform):
         where = source_name(d, self.label_key)
         label = label_volume(d[self.label_key], where)
         objects = []
-        for object_id in self._objects(d, present_labels(label), where):
+        ids = self._objects(d, present_labels(label), where)
+        shared = None
+        if self.shared_key_slices:
+            # slices ranked by how many of the objects they hold: one cohort for the memory network
+            counts = sum((label == i).any(axis=(0, 1)).astype(np.int64) for i in ids)
+            shared = self._key_slices(counts, -1, where)
+        for object_id in ids:
             obj = label == object_id
             areas = obj.sum(axis=(0, 1))
-            prompts = [self._slice_prompt(obj[..., k], k) for k in self._key_slices(areas, object_id, where)]
-            objects.append(ObjectPrompts(object_id, self.label_names.get(object_id, ""), prompts))
+            keys = self._key_slices(areas, object_id, where) if shared is None else [k for k in shared if areas[k]]
+            if keys:
+                prompts = [self._slice_prompt(obj[..., k], k) for k in keys]
+                objects.append(ObjectPrompts(object_id, self.label_names.get(object_id, ""), prompts))
         d[self.prompt_key] = objects
         return d
 
@@ -360,6 +376,7 @@ class PromptFromLabeld(RandPromptFromLabeld):
         num_negative: int = 0,
         negative_margin: int = 10,
         label_names: Mapping[int, str] | None = None,
+        shared_key_slices: bool = False,
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(
@@ -370,6 +387,7 @@ class PromptFromLabeld(RandPromptFromLabeld):
             key_slices=key_slices,
             num_key_slices=num_key_slices,
             mode_probs={mode: 1.0},
+            shared_key_slices=shared_key_slices,
             box_jitter=0.0,
             num_positive=num_positive,
             num_negative=num_negative,
@@ -378,3 +396,32 @@ class PromptFromLabeld(RandPromptFromLabeld):
             deterministic=True,
             allow_missing_keys=allow_missing_keys,
         )
+
+
+class LoadPromptFiled(MapTransform):
+    """Read each case's prompt file (``docs/prompt_file.md``) into ``list[ObjectPrompts]``.
+
+    The file's voxel or world coordinates are converted to the RAS array in ``image_key``
+    (loaded by `LoadVolumed`), so this runs after loading and before any in-plane resizing.
+
+    Args:
+        path_key: the key holding the prompt file's path.
+        image_key: the loaded image the prompts are for.
+        prompt_key: where the prompts are written.
+    """
+
+    def __init__(self, path_key: str = "prompt_file", image_key: str = "image", prompt_key: str = "prompts",
+                 allow_missing_keys: bool = False) -> None:
+        super().__init__(path_key, allow_missing_keys)
+        self.path_key, self.image_key, self.prompt_key = path_key, image_key, prompt_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        from monai_sam.io.prompt_file import load_prompt_file
+
+        d = dict(data)
+        if self.path_key not in d:
+            if self.allow_missing_keys:
+                return d
+            raise KeyError(f"no prompt file under {self.path_key!r} for {source_name(d, self.image_key)}")
+        d[self.prompt_key] = load_prompt_file(d[self.path_key], d[self.image_key])
+        return d

@@ -1,0 +1,118 @@
+"""Our checkpoints: the trained parts only, stamped with the identity of the frozen parts.
+
+A frozen encoder is hundreds of MB that the user already has (the official file), so our
+checkpoints keep only what training changed. Loading them onto other frozen weights would
+silently produce garbage, so the identity of the frozen weights is stored and checked.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from monai_sam.engines.feature_cache import encoder_identity
+from monai_sam.engines.trainer import TRAINABLE_PARTS, _part_of
+
+__all__ = ["CheckpointMismatchError", "TrainableCheckpoint", "latest_checkpoint", "load_trained_parts"]
+
+logger = logging.getLogger(__name__)
+
+
+class CheckpointMismatchError(RuntimeError):
+    """A checkpoint trained on other frozen weights (another encoder, size or checkpoint)."""
+
+
+class TrainableCheckpoint:
+    """``state_dict`` / ``load_state_dict`` of a SAM2 model's trained parts, for MONAI's checkpoint handlers.
+
+    Args:
+        model: the ``SAM2Base`` (or a module with a ``.model`` attribute holding it).
+        model_name: the official size name, stored for the error messages.
+        trainable: the trained parts (keys of `TRAINABLE_PARTS`).
+        base_checkpoint: the official file the frozen parts came from (None: random init).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        model_name: str,
+        trainable: Sequence[str],
+        base_checkpoint: str | None = None,
+    ) -> None:
+        self.model = getattr(model, "model", model)
+        self.model_name = model_name
+        self.trainable = list(trainable)
+        unknown = set(self.trainable) - set(TRAINABLE_PARTS)
+        if unknown:
+            raise ValueError(f"unknown trainable part(s) {sorted(unknown)}")
+        self.base_checkpoint = str(base_checkpoint) if base_checkpoint else None
+        self._identity: str | None = None
+
+    @property
+    def frozen_identity(self) -> str:
+        """Hash of every frozen weight (computed once: frozen weights do not change)."""
+        if self._identity is None:
+            frozen = nn.ParameterDict(
+                {n.replace(".", "/"): p for n, p in self.model.named_parameters() if not self._is_trained(n)}
+            )
+            self._identity = encoder_identity(self.model_name, frozen, int(getattr(self.model, "image_size", 0)))
+        return self._identity
+
+    def _is_trained(self, name: str) -> bool:
+        return _part_of(name) in self.trainable
+
+    def state_dict(self) -> dict[str, Any]:
+        weights = {k: v.detach().cpu() for k, v in self.model.state_dict().items() if self._is_trained(k)}
+        return {
+            "format": "monai-sam trainable parts v1",
+            "model_name": self.model_name,
+            "trainable": self.trainable,
+            "base_checkpoint": self.base_checkpoint or "random init / demo",
+            "frozen_identity": self.frozen_identity,
+            "weights": weights,
+        }
+
+    def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
+        if not isinstance(state, dict) or "weights" not in state or "frozen_identity" not in state:
+            raise CheckpointMismatchError("not a monai-sam checkpoint (no 'weights' / 'frozen_identity')")
+        if state.get("model_name") != self.model_name or state["frozen_identity"] != self.frozen_identity:
+            raise CheckpointMismatchError(
+                f"checkpoint was trained on {state.get('model_name')} with frozen weights from "
+                f"{state.get('base_checkpoint')} (identity {str(state['frozen_identity'])[:12]}), but this model is "
+                f"{self.model_name} with frozen weights from {self.base_checkpoint or 'random init / demo'} "
+                f"(identity {self.frozen_identity[:12]}); load it onto the encoder it was trained with"
+            )
+        result = self.model.load_state_dict(state["weights"], strict=False)
+        missing = [k for k in result.missing_keys if self._is_trained(k)]
+        if strict and (missing or result.unexpected_keys):
+            raise CheckpointMismatchError(
+                f"checkpoint does not match the trained parts {self.trainable}: missing {missing[:5]}, "
+                f"unexpected {result.unexpected_keys[:5]}"
+            )
+
+
+def latest_checkpoint(directory: str | Path, pattern: str = "*.pt") -> Path | None:
+    """The most recently written checkpoint in ``directory`` (None when there is none)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return None
+    files = [p for p in directory.glob(pattern) if p.is_file()]
+    return max(files, key=lambda p: p.stat().st_mtime_ns) if files else None
+
+
+def load_trained_parts(model: nn.Module, path: str | Path, model_name: str, trainable: Sequence[str],
+                       base_checkpoint: str | None = None) -> None:
+    """Load a training checkpoint (ours: ``{"model": {...}}`` or the bare dict) onto ``model``."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "model" in state and "weights" not in state:
+        state = state["model"]
+    try:
+        TrainableCheckpoint(model, model_name, trainable, base_checkpoint).load_state_dict(state)
+    except CheckpointMismatchError as err:
+        raise CheckpointMismatchError(f"{path}: {err}") from None
+    logger.info("loaded trained parts %s from %s", list(trainable), path)

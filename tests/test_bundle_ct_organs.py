@@ -1,0 +1,167 @@
+"""The CT organ bundle: valid metadata, complete workflows, and tiny real runs of each."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigWorkflow
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLE = REPO / "bundles" / "sam2_ct_abdominal_organs"
+CONFIGS = BUNDLE / "configs"
+SCHEMA = REPO.parent / "shared" / "schemas" / "meta_schema_20240725.json"
+TRAIN = str(CONFIGS / "train.yaml")
+EVALUATE = [TRAIN, str(CONFIGS / "evaluate.yaml")]
+INFER = [TRAIN, str(CONFIGS / "inference.yaml")]
+
+pytestmark = pytest.mark.slow
+
+
+def tiny(root: Path, data: Path, **extra) -> dict:
+    """Overrides that make the bundle run in seconds: small phantoms, 128 px, 4-slice sequences."""
+    return {
+        "bundle_root": str(root), "dataset_dir": str(data), "num_phantoms": 3,
+        "phantom_shape": [48, 48, 20], "phantom_spacing": [4.3, 4.3, 8.0], "image_size": 128,
+        "num_slices": 4, "epochs": 1, "batch_size": 2, **extra,
+    }
+
+
+def workflow(config, workflow_type, **overrides) -> ConfigWorkflow:
+    wf = ConfigWorkflow(config_file=config, workflow_type=workflow_type,
+                        logging_file=str(CONFIGS / "logging.conf"), **overrides)
+    wf.initialize()
+    return wf
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tiny training run shared by the evaluate / inference / resume tests."""
+    base = tmp_path_factory.mktemp("ct_bundle")
+    wf = workflow(TRAIN, "train", **tiny(base / "bundle", base / "data"))
+    wf.run()
+    return base, wf
+
+
+def test_metadata_is_valid_against_monai_schema():
+    if not SCHEMA.exists():
+        pytest.skip(f"bundle schema not found at {SCHEMA}")
+    from monai.bundle import verify_metadata
+
+    verify_metadata(meta_file=str(CONFIGS / "metadata.json"), filepath=str(SCHEMA))
+
+
+@pytest.mark.parametrize("config,kind", [(TRAIN, "train"), (EVALUATE, "eval"), (INFER, "infer")])
+def test_workflow_properties_are_complete(tmp_path, config, kind):
+    wf = ConfigWorkflow(config_file=config, workflow_type="infer" if kind == "infer" else kind,
+                        **tiny(tmp_path / "b", tmp_path / "d"))
+    wf.initialize()
+    assert wf.check_properties() in (None, []), wf.check_properties()
+
+
+def test_training_writes_checkpoints_logs_metrics_and_cache(trained):
+    base, wf = trained
+    root = base / "bundle"
+    assert (base / "data" / "dataset.json").exists(), "phantoms are generated when dataset_dir is absent"
+    assert (root / "models" / "model.pt").exists()
+    assert list((root / "models").glob("checkpoint_epoch=1.pt"))
+    assert list((root / "runs").glob("events.out.tfevents.*"))
+    assert (root / "eval" / "validation" / "metrics_per_case.csv").exists()
+    assert list((root / "cache").rglob("*.feat")), "the frozen encoder's features are cached"
+    # our checkpoint holds only trained parts, stamped with the frozen encoder's identity
+    state = torch.load(root / "models" / "model.pt", map_location="cpu", weights_only=True)
+    state = state.get("model", state)
+    assert state["model_name"] == "sam2.1_hiera_t" and len(state["frozen_identity"]) == 64
+    assert state["weights"] and not any(k.startswith("image_encoder.") for k in state["weights"])
+    assert wf.train_handlers is not None and wf.trainer.state.epoch == 1
+
+
+def test_resume_after_interruption_continues_from_the_saved_epoch(trained, tmp_path):
+    base, _ = trained
+    root = tmp_path / "bundle"
+    shutil.copytree(base / "bundle" / "models", root / "models")
+    # a second run asked for 3 epochs is killed in the middle of epoch 2 ...
+    wf = workflow(TRAIN, "train", **tiny(root, base / "data", epochs=3))
+
+    def crash(engine):
+        if engine.state.epoch == 2:
+            raise KeyboardInterrupt("simulated kill in epoch 2")
+
+    from ignite.engine import Events
+
+    wf.trainer.add_event_handler(Events.ITERATION_COMPLETED, crash)
+    started = []
+    wf.trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: started.append(e.state.epoch))
+    with pytest.raises(KeyboardInterrupt):
+        wf.run()
+    assert started == [2], "the run resumed after epoch 1 instead of starting over"
+    # ... and the same command again continues from the last saved epoch (1): epochs 2 and 3
+    wf = workflow(TRAIN, "train", **tiny(root, base / "data", epochs=3))
+    started = []
+    wf.trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: started.append(e.state.epoch))
+    wf.run()
+    assert started == [2, 3]
+    assert list((root / "models").glob("checkpoint_epoch=3.pt"))
+
+
+def test_evaluate_writes_per_organ_table_and_overlays(trained):
+    base, _ = trained
+    wf = workflow(EVALUATE, "eval", **tiny(base / "bundle", base / "data"))
+    wf.run()
+    out = base / "bundle" / "eval"
+    rows = (out / "metrics_per_case.csv").read_text().splitlines()
+    assert rows[0].startswith("case,label,name,dice,hd95_mm,surface_dice")
+    assert len(rows) - 1 == 5  # one validation case x five organs
+    assert all(r.endswith(",oracle") for r in rows[1:]), "oracle prompts are marked as such"
+    assert list((out / "overlays").glob("*.png"))
+
+
+def test_inference_from_labels_and_from_prompt_files(trained, tmp_path):
+    base, _ = trained
+    data = base / "data"
+    wf = workflow(INFER, "infer", **tiny(base / "bundle", data, input_dir=str(data / "imagesTr"),
+                                          label_dir=str(data / "labelsTr"),
+                                          inference_output_dir=str(tmp_path / "oracle")))
+    wf.run()
+    outs = sorted((tmp_path / "oracle").glob("*_seg_oracle_prompts.nii.gz"))
+    assert len(outs) == 3
+    ref = nib.load(data / "imagesTr" / "phantom_ct_000.nii.gz")
+    pred = nib.load(outs[0])
+    assert pred.shape == ref.shape and np.allclose(pred.affine, ref.affine, atol=1e-4)
+
+    # a user prompt file: one box on the liver, in voxel indices of the file as stored
+    label = np.asarray(nib.load(data / "labelsTr" / "phantom_ct_000.nii.gz").dataobj)
+    k = int(np.argmax((label == 1).sum(axis=(0, 1))))
+    ii, jj = np.nonzero(label[:, :, k] == 1)
+    prompts = tmp_path / "prompts"
+    prompts.mkdir()
+    (prompts / "phantom_ct_000.json").write_text(json.dumps({
+        "version": 1, "coordinates": "voxel",
+        "objects": [{"id": 1, "name": "liver", "slices": [{"box": [[int(ii.min()), int(jj.min()), k],
+                                                                                [int(ii.max()), int(jj.max()), k]]}]}],
+    }))
+    single = tmp_path / "single"
+    single.mkdir()
+    os.symlink(data / "imagesTr" / "phantom_ct_000.nii.gz", single / "phantom_ct_000.nii.gz")
+    wf = workflow(INFER, "infer", **tiny(base / "bundle", data, input_dir=str(single), prompt_dir=str(prompts),
+                                          inference_output_dir=str(tmp_path / "user")))
+    wf.run()
+    assert [p.name for p in (tmp_path / "user").glob("*.nii.gz")] == ["phantom_ct_000_seg.nii.gz"]
+
+
+def test_trained_parts_refuse_another_encoder(trained):
+    from monai_sam.engines import CheckpointMismatchError, load_trained_parts
+    from monai_sam.networks import build_sam2_model
+
+    base, _ = trained
+    torch.manual_seed(123)  # another random encoder than the one trained on
+    other = build_sam2_model("sam2.1_hiera_t", image_size=128)
+    with pytest.raises(CheckpointMismatchError, match="sam2.1_hiera_t"):
+        load_trained_parts(other, base / "bundle" / "models" / "model.pt", "sam2.1_hiera_t",
+                           ["mask_decoder", "memory_attention", "memory_encoder", "object_pointers"])
