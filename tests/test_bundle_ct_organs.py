@@ -165,3 +165,21 @@ def test_trained_parts_refuse_another_encoder(trained):
     with pytest.raises(CheckpointMismatchError, match="sam2.1_hiera_t"):
         load_trained_parts(other, base / "bundle" / "models" / "model.pt", "sam2.1_hiera_t",
                            ["mask_decoder", "memory_attention", "memory_encoder", "object_pointers"])
+
+
+def test_two_process_ddp_training_on_cpu(tmp_path):
+    """`torchrun --nproc_per_node=2` with multi_gpu_train.yaml: gloo on CPU, rank 0 saves."""
+    from monai_sam.data.phantom import write_phantom_dataset
+
+    write_phantom_dataset("ct", 4, tmp_path / "data", shape=(48, 48, 20), spacing=(4.3, 4.3, 8.0))
+    configs = f"['{TRAIN}','{CONFIGS / 'multi_gpu_train.yaml'}']"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+           "-m", "monai.bundle", "run", "training", "--config_file", configs,
+           "--bundle_root", str(tmp_path / "b"), "--dataset_dir", str(tmp_path / "data"), "--image_size", "128",
+           "--num_slices", "4", "--epochs", "1", "--batch_size", "1", "--val_fraction", "0.5"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert (tmp_path / "b" / "models" / "checkpoint_epoch=1.pt").exists()
+    assert (tmp_path / "b" / "models" / "model.pt").exists()
+    assert run.stdout.count("Epoch[1] Complete") + run.stderr.count("Epoch[1] Complete") >= 2  # both ranks trained
