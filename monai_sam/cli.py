@@ -93,10 +93,10 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", type=Path, default=None,
                    help="official SAM2/SAM2.1 .pt of --model-size (none: random weights, a demo only)")
     p.add_argument("--output", type=Path, required=True, help="output folder")
-    p.add_argument("--model-size", default="sam2.1_hiera_t", help="sam2.1_hiera_t|s|b+|l or sam2_hiera_t|s|b+|l")
+    p.add_argument("--model-size", default="sam2.1_hiera_t", help="sam2.1_hiera_t|s|b+|l, sam2_hiera_*")
     p.add_argument("--image-size", type=int, default=1024, help="SAM2 input size in pixels (1024 = official)")
     p.add_argument("--window", default="auto",
-                   help="'auto' (CT window or MR percentiles), 'mr', 'none' or a CT preset (abdomen, liver, bone...)")
+                   help="'auto' (CT window or MR percentiles), 'mr', 'none', a CT preset: abdomen, liver...")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--precision", default="auto", help="auto (bf16 on CUDA), float32, bfloat16, float16")
     p.add_argument("--encoder-batch-size", type=int, default=8, help="slices per image-encoder call")

@@ -45,7 +45,9 @@ def intensity_transform(window: str | None, image: MetaTensor) -> Callable | Non
     if window is None or str(window).lower() == "none":
         lo, hi = float(image.min()), float(image.max())
         if lo < -1e-3 or hi > 1 + 1e-3:
-            logger.warning("window=None but intensities span [%.1f, %.1f], not [0, 1]: SAM will see them clipped", lo, hi)
+            logger.warning(
+                "window=None but intensities span [%.1f, %.1f], not [0, 1]: SAM will see them clipped", lo, hi
+            )
         return None
     name = str(window).lower()
     if name == "auto":
@@ -59,7 +61,9 @@ def intensity_transform(window: str | None, image: MetaTensor) -> Callable | Non
         return MRPercentileScale()
     if name in CT_WINDOWS:
         return CTWindow(preset=name)
-    raise ValueError(f"unknown window {window!r}; use 'auto', 'mr', None or a CT preset: {sorted(CT_WINDOWS)}")
+    raise ValueError(
+        f"unknown window {window!r}; use 'auto', 'mr', None or a CT preset: {sorted(CT_WINDOWS)}"
+    )
 
 
 def _device(device: str | torch.device) -> torch.device:
@@ -74,8 +78,14 @@ def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
             return torch.bfloat16
         return None
-    table = {"float32": None, "fp32": None, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
+    table = {
+        "float32": None,
+        "fp32": None,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
     if p not in table:
         raise ValueError(f"precision must be 'auto', 'float32', 'bfloat16' or 'float16', got {precision!r}")
     if table[p] is torch.float16 and device.type != "cuda":
@@ -89,7 +99,9 @@ def to_input_geometry(label: torch.Tensor, image: MetaTensor) -> MetaTensor:
     from nibabel.orientations import aff2axcodes
 
     original = _np(image.meta.get("original_affine", image.affine)).astype(np.float64)
-    ras = MetaTensor(label, affine=image.affine, meta={"filename_or_obj": image.meta.get("filename_or_obj", "")})
+    ras = MetaTensor(
+        label, affine=image.affine, meta={"filename_or_obj": image.meta.get("filename_or_obj", "")}
+    )
     out = Orientation(axcodes="".join(aff2axcodes(original)), labels=None)(ras)
     if not np.allclose(_np(out.affine), original, atol=1e-3):
         raise RuntimeError(
@@ -143,12 +155,15 @@ def segment_volume(
     from monai_sam.transforms import SamInput
 
     volume = image if isinstance(image, MetaTensor) else load_volume(image)
-    objects = list(prompts) if not isinstance(prompts, (str, os.PathLike)) else load_prompt_file(prompts, volume)
+    objects = (
+        list(prompts) if not isinstance(prompts, (str, os.PathLike)) else load_prompt_file(prompts, volume)
+    )
     dev = _device(device)
     if network is None:
         model = build_sam2_model(model_size, checkpoint, image_size=image_size, device=dev)
-        network = Sam2VolumeSegmenter(model, encoder_batch_size=encoder_batch_size,
-                                      autocast_dtype=_autocast_dtype(precision, dev))
+        network = Sam2VolumeSegmenter(
+            model, encoder_batch_size=encoder_batch_size, autocast_dtype=_autocast_dtype(precision, dev)
+        )
     scale = intensity_transform(window, volume)
     scaled = scale(volume) if scale is not None else volume
     scaled = scaled.as_tensor() if isinstance(scaled, MetaTensor) else torch.as_tensor(scaled)
@@ -163,7 +178,10 @@ def segment_volume(
 def case_name(path: str | os.PathLike) -> str:
     """``/data/ct_001.nii.gz`` -> ``ct_001``; a DICOM folder -> its name."""
     name = Path(path).name
-    return re.sub(r"(\.nii\.gz|\.nii|\.nrrd|\.nhdr|\.mha|\.mhd|\.dcm)$", "", name, flags=re.IGNORECASE) or "volume"
+    return (
+        re.sub(r"(\.nii\.gz|\.nii|\.nrrd|\.nhdr|\.mha|\.mhd|\.dcm)$", "", name, flags=re.IGNORECASE)
+        or "volume"
+    )
 
 
 def write_label(label: MetaTensor, path: str | os.PathLike) -> Path:

@@ -45,7 +45,12 @@ def test_every_official_size_resolves_with_the_requested_image_size():
     from hydra import compose
 
     _compose_guard()
-    expected_dims = {"t": (96, [1, 2, 7, 2]), "s": (96, [1, 2, 11, 2]), "b+": (112, None), "l": (144, [2, 6, 36, 4])}
+    expected_dims = {
+        "t": (96, [1, 2, 7, 2]),
+        "s": (96, [1, 2, 11, 2]),
+        "b+": (112, None),
+        "l": (144, [2, 6, 36, 4]),
+    }
     for name in SAM2_SIZES:
         cfg = compose(config_name=MODEL_SIZES[name].config, overrides=sam2_hydra_overrides(512))
         assert cfg.model.image_size == 512, name
@@ -68,7 +73,9 @@ def test_image_size_reaches_prompt_encoder_and_rope(image_size):
     assert model.sam_prompt_encoder.image_embedding_size == (feat, feat)
     assert model.sam_prompt_encoder.mask_input_size == (4 * feat, 4 * feat)
     attn = model.memory_attention.layers[0].cross_attn_image
-    expected = compute_axial_cis(dim=attn.internal_dim // attn.num_heads, end_x=feat, end_y=feat, theta=10000.0)
+    expected = compute_axial_cis(
+        dim=attn.internal_dim // attn.num_heads, end_x=feat, end_y=feat, theta=10000.0
+    )
     assert attn.freqs_cis.shape == expected.shape == (feat * feat, expected.shape[1])
     assert torch.allclose(attn.freqs_cis.cpu(), expected)
     with torch.no_grad():
@@ -139,7 +146,9 @@ def test_unsafe_or_unreadable_files_are_refused(tmp_path):
         read_state_dict(tmp_path / "missing.pt")
     opt = tmp_path / "optimizer.pt"
     torch.save({"step": torch.tensor(3)}, opt)
-    with pytest.raises(CheckpointError, match=r"optimizer.pt: .*built as sam2.1_hiera_t.*looks like an unknown model"):
+    with pytest.raises(
+        CheckpointError, match=r"optimizer.pt: .*built as sam2.1_hiera_t.*looks like an unknown model"
+    ):
         build_sam2_model("sam2.1_hiera_t", checkpoint=opt, image_size=128)
 
 
@@ -152,18 +161,25 @@ def test_sam_v1_bare_and_wrapped_state_dicts(tmp_path, tiny_ckpt):
     torch.save(sam.state_dict(), bare)
     torch.save({"model": sam.state_dict()}, wrapped)
     again = build_sam_model("sam_vit_b", checkpoint=bare)
-    assert torch.equal(again.mask_decoder.iou_prediction_head.layers[0].weight,
-                       sam.mask_decoder.iou_prediction_head.layers[0].weight)
+    assert torch.equal(
+        again.mask_decoder.iou_prediction_head.layers[0].weight,
+        sam.mask_decoder.iou_prediction_head.layers[0].weight,
+    )
     with torch.no_grad():
         again.mask_decoder.iou_prediction_head.layers[0].weight.zero_()
     load_checkpoint(again, wrapped, "vit_b")
-    assert torch.equal(again.mask_decoder.iou_prediction_head.layers[0].weight,
-                       sam.mask_decoder.iou_prediction_head.layers[0].weight)
+    assert torch.equal(
+        again.mask_decoder.iou_prediction_head.layers[0].weight,
+        sam.mask_decoder.iou_prediction_head.layers[0].weight,
+    )
     with pytest.raises(CheckpointError, match=r"built as sam_vit_b.*looks like sam2.1_hiera_t"):
         build_sam_model("vit_b", checkpoint=tiny_ckpt)
     # the signature of the other SAM v1 sizes (built models would take ~3 GB: shapes suffice)
     for dim, name in ((1024, "sam_vit_l"), (1280, "sam_vit_h")):
-        assert checkpoint_model_size({"image_encoder.patch_embed.proj.weight": torch.zeros(dim, 3, 16, 16)}) == name
+        assert (
+            checkpoint_model_size({"image_encoder.patch_embed.proj.weight": torch.zeros(dim, 3, 16, 16)})
+            == name
+        )
 
 
 def test_freeze_image_encoder_keeps_decoder_projections_trainable():

@@ -56,9 +56,15 @@ def test_voxel_indices_as_stored_reach_the_marked_voxels(tmp_path, image):
     doc = {
         "version": 1,
         "coordinates": "voxel",
-        "objects": [{"id": 3, "name": "kidney", "slices": [
-            {"box": [list(MARK_A), list(MARK_B)], "points": [list(MARK_A)], "point_labels": [1]},
-        ]}],
+        "objects": [
+            {
+                "id": 3,
+                "name": "kidney",
+                "slices": [
+                    {"box": [list(MARK_A), list(MARK_B)], "points": [list(MARK_A)], "point_labels": [1]},
+                ],
+            }
+        ],
     }
     (obj,) = load_prompt_file(_write(tmp_path, doc), image)
     ia, ja, ka = _ras_index(image, 100.0)
@@ -78,8 +84,12 @@ def test_world_coordinates_in_ras_or_lps(tmp_path, image, frame):
     if frame == "LPS":  # DICOM's patient frame: x and y negated
         world_a = [-world_a[0], -world_a[1], world_a[2]]
         world_b = [-world_b[0], -world_b[1], world_b[2]]
-    doc = {"version": 1, "coordinates": "world", "world_frame": frame,
-           "objects": [{"id": 1, "slices": [{"points": [world_a, world_b], "point_labels": [1, 0]}]}]}
+    doc = {
+        "version": 1,
+        "coordinates": "world",
+        "world_frame": frame,
+        "objects": [{"id": 1, "slices": [{"points": [world_a, world_b], "point_labels": [1, 0]}]}],
+    }
     (obj,) = load_prompt_file(_write(tmp_path, doc), image)
     ia, ja, ka = _ras_index(image, 100.0)
     ib, jb, _ = _ras_index(image, 200.0)
@@ -93,16 +103,29 @@ def test_writer_round_trip_with_masks(tmp_path, image, coordinates):
     mask = np.zeros((x, y), bool)
     mask[3:9, 4:12] = True
     objects = [
-        ObjectPrompts(1, "liver", [SlicePrompt(2, box=[4, 3, 15, 11]),
-                                   SlicePrompt(6, points=[[5, 6], [9, 2]], point_labels=[1, 0])]),
-        ObjectPrompts(2, "spleen", [SlicePrompt(4, mask=mask), SlicePrompt(7, box=[1, 2, 5, 6], points=[[3, 4]])]),
+        ObjectPrompts(
+            1,
+            "liver",
+            [
+                SlicePrompt(2, box=[4, 3, 15, 11]),
+                SlicePrompt(6, points=[[5, 6], [9, 2]], point_labels=[1, 0]),
+            ],
+        ),
+        ObjectPrompts(
+            2, "spleen", [SlicePrompt(4, mask=mask), SlicePrompt(7, box=[1, 2, 5, 6], points=[[3, 4]])]
+        ),
     ]
-    path = write_prompt_file(tmp_path / "case.json", objects, image, coordinates=coordinates, world_frame="LPS")
+    path = write_prompt_file(
+        tmp_path / "case.json", objects, image, coordinates=coordinates, world_frame="LPS"
+    )
     doc = json.loads(path.read_text())
     assert doc["coordinates"] == coordinates and (coordinates == "voxel") == ("world_frame" not in doc)
     assert (tmp_path / "case_object2_mask.nii.gz").exists()
     again = load_prompt_file(path, image)
-    assert [(o.object_id, o.name, o.key_slices) for o in again] == [(1, "liver", [2, 6]), (2, "spleen", [4, 7])]
+    assert [(o.object_id, o.name, o.key_slices) for o in again] == [
+        (1, "liver", [2, 6]),
+        (2, "spleen", [4, 7]),
+    ]
     for a, b in zip(objects, again, strict=True):
         for p, q in zip(a.slices, b.slices, strict=True):
             assert p.kind == q.kind
@@ -123,7 +146,12 @@ def test_geometry_from_plain_affines_matches_the_image(image):
 
 
 def _doc(slices, coordinates="voxel", **extra):
-    return {"version": 1, "coordinates": coordinates, "objects": [{"id": 1, "name": "liver", "slices": slices}], **extra}
+    return {
+        "version": 1,
+        "coordinates": coordinates,
+        "objects": [{"id": 1, "name": "liver", "slices": slices}],
+        **extra,
+    }
 
 
 @pytest.mark.parametrize(

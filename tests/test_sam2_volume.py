@@ -8,7 +8,13 @@ import torch
 from monai.data import MetaTensor
 
 from monai_sam.inferers import MemoryPropagationInferer, logits_to_label
-from monai_sam.networks import NO_OBJ_SCORE, Sam2VolumeSegmenter, VolumeFrames, build_sam2_model, freeze_image_encoder
+from monai_sam.networks import (
+    NO_OBJ_SCORE,
+    Sam2VolumeSegmenter,
+    VolumeFrames,
+    build_sam2_model,
+    freeze_image_encoder,
+)
 from monai_sam.networks.sam2_volume import frames_from_sam_input
 from monai_sam.prompts import ObjectPrompts, PromptError, SlicePrompt
 from monai_sam.transforms import SamInput
@@ -76,18 +82,31 @@ def test_raw_encoder_outputs_are_separate_from_the_trainable_projections(model, 
         assert not torch.allclose(seg2.prepare_features(raw2)["backbone_fpn"][0], prepared["backbone_fpn"][0])
 
 
-def test_chunking_cached_features_and_lazy_preprocessing_give_the_same_logits(model, volume, frames, reference):
+def test_chunking_cached_features_and_lazy_preprocessing_give_the_same_logits(
+    model, volume, frames, reference
+):
     prompts = _prompts(volume)
     ref = reference
     assert ref.shape == (2, T, H, W)
     chunked = Sam2VolumeSegmenter(model, encoder_batch_size=4).propagate(frames, prompts, (H, W))
     assert torch.allclose(chunked, ref, atol=1e-4)
+    # objects sharing a key slice are tracked as one batch; one at a time gives the same logits
+    shared = [
+        ObjectPrompts(1, "box", [SlicePrompt(2, box=[10, 15, 40, 45])]),
+        ObjectPrompts(2, "clicks", [SlicePrompt(2, points=[[30, 35]])]),
+    ]
+    batched = Sam2VolumeSegmenter(model, object_batch_size=None).propagate(frames, shared, (H, W))
+    single = Sam2VolumeSegmenter(model, object_batch_size=1).propagate(frames, shared, (H, W))
+    assert torch.allclose(batched, single, atol=1e-4)
+    assert torch.allclose(batched[0], ref[0], atol=1e-4)
     with torch.no_grad():
         cache = Sam2VolumeSegmenter(model).encode(frames)
     cached = Sam2VolumeSegmenter(model).propagate(None, prompts, (H, W), features=cache)
     assert torch.allclose(cached, ref, atol=1e-4)
     assert not torch.allclose(cached[0], cached[1], atol=1e-2)  # the two objects really differ
-    lazy = Sam2VolumeSegmenter(model, encoder_batch_size=4).propagate(VolumeFrames(volume, SamInput(S)), prompts)
+    lazy = Sam2VolumeSegmenter(model, encoder_batch_size=4).propagate(
+        VolumeFrames(volume, SamInput(S)), prompts
+    )
     assert torch.allclose(lazy, ref, atol=1e-4)
     # the mask-prompted key slice reproduces the mask (SAM2 uses a given mask as the output)
     mask = torch.from_numpy(prompts[1].slices[0].mask)
@@ -131,7 +150,9 @@ def test_training_path_has_gradients_and_matches_inference_in_eval(model, volume
     loss = torch.nn.functional.binary_cross_entropy_with_logits(out["logits"].clamp(-20, 20), target)
     loss.backward()
     assert trainee.sam_mask_decoder.conv_s0.weight.grad is not None  # decoder-side projection trains
-    assert trainee.memory_attention.layers[0].cross_attn_image.q_proj.weight.grad.abs().sum() > 0  # memory path
+    assert (
+        trainee.memory_attention.layers[0].cross_attn_image.q_proj.weight.grad.abs().sum() > 0
+    )  # memory path
     assert trainee.memory_encoder.out_proj.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in trainee.image_encoder.parameters())
 
@@ -141,11 +162,17 @@ def test_training_path_has_gradients_and_matches_inference_in_eval(model, volume
     [
         ([ObjectPrompts(1, "liver", [SlicePrompt(1, box=[100, 10, 120, 30])])], "outside the 72x80"),
         ([ObjectPrompts(1, "liver", [SlicePrompt(1, points=[[10, 95]])])], "outside the 72x80"),
-        ([ObjectPrompts(1, "liver", [SlicePrompt(T, box=[10, 10, 30, 30])])], f"key slice {T} is out of range"),
+        (
+            [ObjectPrompts(1, "liver", [SlicePrompt(T, box=[10, 10, 30, 30])])],
+            f"key slice {T} is out of range",
+        ),
         ([], "no object has a prompt"),
         ([ObjectPrompts(1, "liver", [])], "liver.*no prompted slice"),
         ([ObjectPrompts(1, "liver", [SlicePrompt(1, box=[10, 10, 10, 30])])], "zero or negative area"),
-        ([ObjectPrompts(1, "liver", [SlicePrompt(1, mask=np.ones((W, H), bool))])], r"mask prompt has shape \(72, 80\)"),
+        (
+            [ObjectPrompts(1, "liver", [SlicePrompt(1, mask=np.ones((W, H), bool))])],
+            r"mask prompt has shape \(72, 80\)",
+        ),
     ],
 )
 def test_bad_prompts_are_clear_errors(model, frames, bad, message):
@@ -172,7 +199,9 @@ def test_inferer_both_input_modes(model, volume, frames, reference):
 
     # memory-bounded mode: [0, 1] volume at its own size, SamInput applied per chunk
     image = MetaTensor(volume.clone(), meta={"filename_or_obj": "case.nii.gz"})
-    label, probs = MemoryPropagationInferer(preprocess=SamInput(S), return_probabilities=True)(image, seg, prompts)
+    label, probs = MemoryPropagationInferer(preprocess=SamInput(S), return_probabilities=True)(
+        image, seg, prompts
+    )
     assert isinstance(label, MetaTensor) and label.shape == (1, H, W, T) and probs.shape == (2, H, W, T)
     assert label.meta["filename_or_obj"] == "case.nii.gz"
     ref_probs = torch.sigmoid(reference).masked_fill(reference <= NO_OBJ_SCORE, 0).permute(0, 2, 3, 1)

@@ -31,7 +31,7 @@ FLIP = np.diag([-1.0, 1.0, -1.0, 1.0])  # stored axes: x and z reversed against 
 def case(tmp_path_factory):
     """A small CT phantom written as LAI NIfTI, its label, and the stored key slice."""
     root = tmp_path_factory.mktemp("case")
-    ph = make_phantom("ct", seed=3, shape=(64, 64, 12), spacing=(3.4, 3.4, 12.0))
+    ph = make_phantom("ct", seed=3, shape=(64, 64, 8), spacing=(3.4, 3.4, 18.0))
     nx, _, nz = ph.label.shape
     # stored[i, j, k] = ras[nx-1-i, j, nz-1-k]; the affine maps stored indices to the same world points
     reindex = np.array([[-1, 0, 0, nx - 1], [0, 1, 0, 0], [0, 0, -1, nz - 1], [0, 0, 0, 1]], float)
@@ -65,8 +65,11 @@ def _prompt_file(case) -> str:
         "coordinates": "voxel",
         "objects": [
             {"id": LIVER, "name": "liver", "slices": [{"mask": "liver_key_slice.nii.gz"}]},
-            {"id": SPLEEN, "name": "spleen",
-             "slices": [{"box": [[int(ii.min()), int(jj.min()), k], [int(ii.max()), int(jj.max()), k]]}]},
+            {
+                "id": SPLEEN,
+                "name": "spleen",
+                "slices": [{"box": [[int(ii.min()), int(jj.min()), k], [int(ii.max()), int(jj.max()), k]]}],
+            },
         ],
     }
     path = root / "prompts.json"
@@ -85,8 +88,9 @@ def _check_output(seg: np.ndarray, case) -> None:
 
 def test_one_python_call(case, checkpoint):
     root, affine, label, k = case
-    out = segment_volume(root / "phantom_ct.nii.gz", _prompt_file(case), checkpoint=checkpoint, image_size=S,
-                         device="cpu")
+    out = segment_volume(
+        root / "phantom_ct.nii.gz", _prompt_file(case), checkpoint=checkpoint, image_size=S, device="cpu"
+    )
     np.testing.assert_allclose(out.affine.numpy(), affine, atol=1e-4)
     _check_output(out[0].numpy().astype(int), case)
 
@@ -98,15 +102,31 @@ def test_one_python_call(case, checkpoint):
         ObjectPrompts(LIVER, "liver", [SlicePrompt(kr, mask=ras_label[..., kr] == LIVER)]),
         ObjectPrompts(SPLEEN, "spleen", [SlicePrompt(kr, box=[jj.min(), ii.min(), jj.max(), ii.max()])]),
     ]
-    again = segment_volume(root / "phantom_ct.nii.gz", objects, checkpoint=checkpoint, image_size=S, device="cpu")
+    again = segment_volume(
+        root / "phantom_ct.nii.gz", objects, checkpoint=checkpoint, image_size=S, device="cpu"
+    )
     assert (again.numpy() == out.numpy()).mean() > 0.999
 
 
 def test_command_line(case, checkpoint, tmp_path):
     root, affine, _, _ = case
-    argv = ["segment", "--input", str(root / "phantom_ct.nii.gz"), "--prompts", _prompt_file(case),
-            "--checkpoint", str(checkpoint), "--output", str(tmp_path / "out"), "--image-size", str(S),
-            "--device", "cpu", "--encoder-batch-size", "4"]
+    argv = [
+        "segment",
+        "--input",
+        str(root / "phantom_ct.nii.gz"),
+        "--prompts",
+        _prompt_file(case),
+        "--checkpoint",
+        str(checkpoint),
+        "--output",
+        str(tmp_path / "out"),
+        "--image-size",
+        str(S),
+        "--device",
+        "cpu",
+        "--encoder-batch-size",
+        "4",
+    ]
     assert main(argv) == 0
     written = tmp_path / "out" / "phantom_ct_seg.nii.gz"
     img = nib.load(str(written))
@@ -118,11 +138,32 @@ def test_command_line(case, checkpoint, tmp_path):
 
 def test_command_line_errors_are_clear(case, checkpoint, tmp_path, caplog):
     root, _, _, _ = case
-    base = ["segment", "--input", str(root / "phantom_ct.nii.gz"), "--output", str(tmp_path), "--image-size", str(S),
-            "--device", "cpu"]
+    base = [
+        "segment",
+        "--input",
+        str(root / "phantom_ct.nii.gz"),
+        "--output",
+        str(tmp_path),
+        "--image-size",
+        str(S),
+        "--device",
+        "cpu",
+    ]
     with caplog.at_level(logging.ERROR, logger="monai_sam"):
-        assert main(base + ["--prompts", _prompt_file(case), "--checkpoint", str(checkpoint),
-                            "--model-size", "sam2.1_hiera_s"]) == 2
+        assert (
+            main(
+                base
+                + [
+                    "--prompts",
+                    _prompt_file(case),
+                    "--checkpoint",
+                    str(checkpoint),
+                    "--model-size",
+                    "sam2.1_hiera_s",
+                ]
+            )
+            == 2
+        )
     assert "built as sam2.1_hiera_s but the checkpoint looks like sam2.1_hiera_t" in caplog.text
     empty = tmp_path / "empty.json"
     empty.write_text(json.dumps({"version": 1, "coordinates": "voxel", "objects": []}))

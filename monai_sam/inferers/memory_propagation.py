@@ -26,7 +26,12 @@ from monai.data import MetaTensor
 from monai.inferers import Inferer
 from torch import Tensor
 
-from monai_sam.networks.sam2_volume import NO_OBJ_SCORE, Sam2VolumeSegmenter, VolumeFrames, frames_from_sam_input
+from monai_sam.networks.sam2_volume import (
+    NO_OBJ_SCORE,
+    Sam2VolumeSegmenter,
+    VolumeFrames,
+    frames_from_sam_input,
+)
 from monai_sam.prompts import ObjectPrompts
 
 __all__ = ["MemoryPropagationInferer", "logits_to_label"]
@@ -60,6 +65,9 @@ class MemoryPropagationInferer(Inferer):
         return_probabilities: also return per-object probabilities ``(N, H, W, T)``.
         direction: ``"both"`` (default), ``"forward"`` or ``"backward"`` from the key slices.
         progress: tqdm bars over slices.
+        logits_dtype: dtype of the per-object logits kept for the whole volume (``float16``
+            by default: half the memory of the largest buffer; a logit's sign never changes in
+            that rounding, and ties between objects closer than ~0.1% are decided either way).
 
     Call: ``inferer(inputs, network, prompts)`` with ``inputs`` ``(C, H, W, T)`` or
     ``(1, C, H, W, T)``, ``network`` a `Sam2VolumeSegmenter` (a bare ``SAM2Base`` is wrapped with
@@ -76,8 +84,10 @@ class MemoryPropagationInferer(Inferer):
         return_probabilities: bool = False,
         direction: str = "both",
         progress: bool = False,
+        logits_dtype: torch.dtype = torch.float16,
     ) -> None:
         super().__init__()
+        self.logits_dtype = logits_dtype
         self.preprocess = preprocess
         self.threshold = float(threshold)
         self.return_probabilities = bool(return_probabilities)
@@ -90,7 +100,9 @@ class MemoryPropagationInferer(Inferer):
             return network
         if hasattr(network, "_track_step"):
             return Sam2VolumeSegmenter(network)
-        raise TypeError(f"network must be a Sam2VolumeSegmenter or a sam2 SAM2Base, got {type(network).__name__}")
+        raise TypeError(
+            f"network must be a Sam2VolumeSegmenter or a sam2 SAM2Base, got {type(network).__name__}"
+        )
 
     def __call__(  # type: ignore[override]
         self,
@@ -106,7 +118,9 @@ class MemoryPropagationInferer(Inferer):
         if prompts is None:
             from monai_sam.prompts import PromptError
 
-            raise PromptError("MemoryPropagationInferer: no prompts given; give at least one box, click or mask")
+            raise PromptError(
+                "MemoryPropagationInferer: no prompts given; give at least one box, click or mask"
+            )
         if isinstance(prompts, ObjectPrompts):
             prompts = [prompts]
         seg = self._network(network)
@@ -130,15 +144,25 @@ class MemoryPropagationInferer(Inferer):
             original = tuple(int(v) for v in (original_size or meta_size or plain.shape[1:3]))
             out_size = tuple(int(v) for v in plain.shape[1:3])
 
-        logits = seg.propagate(source, list(prompts), original_size=original, output_size=out_size,
-                               direction=self.direction, progress=self.progress)
+        logits = seg.propagate(
+            source,
+            list(prompts),
+            original_size=original,
+            output_size=out_size,
+            direction=self.direction,
+            progress=self.progress,
+            output_dtype=self.logits_dtype,
+        )
         logits = logits.permute(0, 2, 3, 1)  # (N, H, W, T): channel-first like the image
         label = logits_to_label(logits, [p.object_id for p in prompts], self.threshold)[None]
         if batched:
             label = label[None]
         if isinstance(inputs, MetaTensor):
-            label = MetaTensor(label, meta=dict(inputs.meta), applied_operations=list(inputs.applied_operations))
+            label = MetaTensor(
+                label, meta=dict(inputs.meta), applied_operations=list(inputs.applied_operations)
+            )
         if not self.return_probabilities:
             return label
+        logits = logits.float()
         probs = torch.sigmoid(logits).masked_fill(logits <= NO_OBJ_SCORE, 0.0)
         return label, probs[None] if batched else probs

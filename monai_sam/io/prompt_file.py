@@ -65,13 +65,15 @@ class ImageGeometry:
     def __init__(self, shape: Sequence[int], affine: Any, original_affine: Any | None = None) -> None:
         self.shape = tuple(int(s) for s in shape)
         self.affine = np.asarray(affine, dtype=np.float64)
-        self.original_affine = np.asarray(original_affine if original_affine is not None else affine, dtype=np.float64)
+        self.original_affine = np.asarray(
+            original_affine if original_affine is not None else affine, dtype=np.float64
+        )
         if len(self.shape) != 3 or self.affine.shape != (4, 4) or self.original_affine.shape != (4, 4):
             raise ValueError(f"need a 3D shape and 4x4 affines, got shape {self.shape}")
 
     @classmethod
     def of(cls, image: Any) -> ImageGeometry:
-        """From a channel-first MetaTensor ``(C, X, Y, Z)`` as `monai_sam.data.loading.load_volume` returns."""
+        """From a channel-first ``(C, X, Y, Z)`` MetaTensor as `monai_sam.data.loading.load_volume` gives."""
         if isinstance(image, ImageGeometry):
             return image
         meta = getattr(image, "meta", None)
@@ -126,14 +128,18 @@ def _read_json(path: Path) -> dict:
 def _triples(value: Any, what: str, where: str) -> np.ndarray:
     arr = np.asarray(value, dtype=np.float64) if isinstance(value, list) else None
     if arr is None or arr.ndim != 2 or arr.shape[1] != 3 or not np.isfinite(arr).all():
-        raise PromptFileError(f"{where}: {what} must be a list of [a, b, c] coordinate triples, got {value!r}")
+        raise PromptFileError(
+            f"{where}: {what} must be a list of [a, b, c] coordinate triples, got {value!r}"
+        )
     return arr
 
 
 def _one_slice(ijk: np.ndarray, where: str, snap: bool) -> int:
     ks = np.rint(ijk[:, 2])
     if not snap and np.abs(ijk[:, 2] - ks).max() > _SNAP_TOL:
-        raise PromptFileError(f"{where}: voxel coordinates fall between axial slices (k = {ijk[:, 2].round(3).tolist()})")
+        raise PromptFileError(
+            f"{where}: voxel coordinates fall between axial slices (k = {ijk[:, 2].round(3).tolist()})"
+        )
     if len(set(ks.astype(int).tolist())) != 1:
         raise PromptFileError(
             f"{where}: the points of one entry must lie on one axial slice of the RAS image, "
@@ -148,7 +154,9 @@ def _geometry_prompt(entry: Mapping, geo: ImageGeometry, coords: str, frame: str
     if "box" in entry:
         corners = _triples(entry["box"], "box", where)
         if corners.shape[0] != 2:
-            raise PromptFileError(f"{where}: a box is two opposite corners [[a0, b0, c0], [a1, b1, c1]], got {entry['box']!r}")
+            raise PromptFileError(
+                f"{where}: a box is two opposite corners [[a0, b0, c0], [a1, b1, c1]], got {entry['box']!r}"
+            )
         ijk = geo.to_network(corners, coords, frame)
         all_ijk.append(ijk)
         # SAM box (x0, y0, x1, y1) = (j_min, i_min, j_max, i_max) on the RAS slice
@@ -160,7 +168,9 @@ def _geometry_prompt(entry: Mapping, geo: ImageGeometry, coords: str, frame: str
         points = np.stack([ijk[:, 1], ijk[:, 0]], axis=1)
         labels = entry.get("point_labels", [1] * len(pts))
         if not isinstance(labels, list) or len(labels) != len(pts) or any(v not in (0, 1) for v in labels):
-            raise PromptFileError(f"{where}: point_labels must be {len(pts)} values, each 1 (positive) or 0 (negative)")
+            raise PromptFileError(
+                f"{where}: point_labels must be {len(pts)} values, each 1 (positive) or 0 (negative)"
+            )
     elif "point_labels" in entry:
         raise PromptFileError(f"{where}: point_labels given without points")
     if not all_ijk:
@@ -183,7 +193,8 @@ def _mask_prompts(entry: Mapping, geo: ImageGeometry, base: Path, where: str) ->
     mask_img = load_volume(path)
     if tuple(mask_img.shape[1:]) != geo.shape or not np.allclose(_np(mask_img.affine), geo.affine, atol=1e-3):
         raise PromptFileError(
-            f"{where}: mask {path} is not on the image's grid (mask {tuple(mask_img.shape[1:])}, image {geo.shape} "
+            f"{where}: mask {path} is not on the image's grid "
+            f"(mask {tuple(mask_img.shape[1:])}, image {geo.shape} "
             f"after RAS orientation, or different affines); draw it on the same image"
         )
     arr = _np(mask_img[0])
@@ -191,7 +202,9 @@ def _mask_prompts(entry: Mapping, geo: ImageGeometry, base: Path, where: str) ->
     mask = arr != 0 if value is None else np.isclose(arr, float(value))
     slices = np.nonzero(mask.any(axis=(0, 1)))[0]
     if len(slices) == 0:
-        raise PromptFileError(f"{where}: mask {path} has no voxel" + ("" if value is None else f" equal to {value}"))
+        raise PromptFileError(
+            f"{where}: mask {path} has no voxel" + ("" if value is None else f" equal to {value}")
+        )
     return [SlicePrompt(int(k), mask=mask[..., k]) for k in slices]
 
 
@@ -204,12 +217,16 @@ def _merge(prompts: list[SlicePrompt], where: str) -> list[SlicePrompt]:
             by_slice[p.slice_index] = p
             continue
         if p.mask is not None or q.mask is not None or (p.box is not None and q.box is not None):
-            raise PromptFileError(f"{where}: two entries on slice {p.slice_index} that cannot be combined (two boxes or a mask)")
+            raise PromptFileError(
+                f"{where}: two entries on slice {p.slice_index} that cannot be combined (two boxes or a mask)"
+            )
         pts = [x for x in (q.points, p.points) if x is not None]
         lbl = [x for x in (q.point_labels, p.point_labels) if x is not None]
         by_slice[p.slice_index] = SlicePrompt(
-            p.slice_index, box=q.box if q.box is not None else p.box,
-            points=np.concatenate(pts) if pts else None, point_labels=np.concatenate(lbl) if lbl else None,
+            p.slice_index,
+            box=q.box if q.box is not None else p.box,
+            points=np.concatenate(pts) if pts else None,
+            point_labels=np.concatenate(lbl) if lbl else None,
         )
     return [by_slice[k] for k in sorted(by_slice)]
 
@@ -234,16 +251,20 @@ def load_prompt_file(path: str | os.PathLike, image: Any) -> list[ObjectPrompts]
     if unknown:
         raise PromptFileError(f"{path}: unknown key(s) {sorted(unknown)}; allowed: {sorted(_TOP_KEYS)}")
     if data.get("version", PROMPT_FILE_VERSION) != PROMPT_FILE_VERSION:
-        raise PromptFileError(f"{path}: version {data.get('version')!r} is not supported (expected {PROMPT_FILE_VERSION})")
+        raise PromptFileError(
+            f"{path}: version {data.get('version')!r} is not supported (expected {PROMPT_FILE_VERSION})"
+        )
     coords = data.get("coordinates")
     if coords not in ("voxel", "world"):
-        raise PromptFileError(f"{path}: \"coordinates\" must be \"voxel\" or \"world\", got {coords!r}")
+        raise PromptFileError(f'{path}: "coordinates" must be "voxel" or "world", got {coords!r}')
     frame = str(data.get("world_frame", "RAS")).upper()
     if frame not in ("RAS", "LPS"):
-        raise PromptFileError(f"{path}: \"world_frame\" must be \"RAS\" or \"LPS\", got {data.get('world_frame')!r}")
+        raise PromptFileError(
+            f'{path}: "world_frame" must be "RAS" or "LPS", got {data.get("world_frame")!r}'
+        )
     objects = data.get("objects")
     if not isinstance(objects, list) or not objects:
-        raise PromptFileError(f"{path}: \"objects\" must be a non-empty list; no object has a prompt")
+        raise PromptFileError(f'{path}: "objects" must be a non-empty list; no object has a prompt')
     result: list[ObjectPrompts] = []
     for n, obj in enumerate(objects):
         if not isinstance(obj, dict):
@@ -252,13 +273,15 @@ def load_prompt_file(path: str | os.PathLike, image: Any) -> list[ObjectPrompts]
         where = f"{path}: object {obj.get('id', f'#{n}')}" + (f" ({name})" if name else "")
         unknown = set(obj) - _OBJECT_KEYS
         if unknown:
-            raise PromptFileError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: {sorted(_OBJECT_KEYS)}")
+            raise PromptFileError(
+                f"{where}: unknown key(s) {sorted(unknown)}; allowed: {sorted(_OBJECT_KEYS)}"
+            )
         oid = obj.get("id")
         if not isinstance(oid, int) or isinstance(oid, bool) or oid < 1:
-            raise PromptFileError(f"{where}: \"id\" must be a positive integer (the label value), got {oid!r}")
+            raise PromptFileError(f'{where}: "id" must be a positive integer (the label value), got {oid!r}')
         entries = obj.get("slices")
         if not isinstance(entries, list) or not entries:
-            raise PromptFileError(f"{where}: \"slices\" must be a non-empty list of prompts")
+            raise PromptFileError(f'{where}: "slices" must be a non-empty list of prompts')
         slices: list[SlicePrompt] = []
         for e, entry in enumerate(entries):
             at = f"{where}, slices[{e}]"
@@ -266,7 +289,9 @@ def load_prompt_file(path: str | os.PathLike, image: Any) -> list[ObjectPrompts]
                 raise PromptFileError(f"{at}: must be an object, got {entry!r}")
             unknown = set(entry) - _ENTRY_KEYS
             if unknown:
-                raise PromptFileError(f"{at}: unknown key(s) {sorted(unknown)}; allowed: {sorted(_ENTRY_KEYS)}")
+                raise PromptFileError(
+                    f"{at}: unknown key(s) {sorted(unknown)}; allowed: {sorted(_ENTRY_KEYS)}"
+                )
             if "mask" in entry:
                 slices.extend(_mask_prompts(entry, geo, path.parent, at))
             else:
@@ -348,7 +373,9 @@ def write_prompt_file(
             entry: dict[str, Any] = {}
             if p.box is not None:
                 x0, y0, x1, y1 = (float(v) for v in p.box)
-                entry["box"] = _round(geo.from_network(np.array([[y0, x0, k], [y1, x1, k]]), coordinates, world_frame))
+                entry["box"] = _round(
+                    geo.from_network(np.array([[y0, x0, k], [y1, x1, k]]), coordinates, world_frame)
+                )
             if p.points is not None:
                 ijk = np.stack([p.points[:, 1], p.points[:, 0], np.full(len(p.points), k)], axis=1)
                 entry["points"] = _round(geo.from_network(ijk, coordinates, world_frame))

@@ -73,22 +73,46 @@ _HIERA = {"t": "tiny", "s": "small", "b+": "base_plus", "l": "large"}
 SAM2_MODEL_SIZES: dict[str, ModelSpec] = {}
 for _short, _long in _HIERA.items():
     SAM2_MODEL_SIZES[f"sam2.1_hiera_{_short}"] = ModelSpec(
-        f"sam2.1_hiera_{_short}", "sam2", f"configs/sam2.1/sam2.1_hiera_{_short}.yaml",
-        f"sam2.1_hiera_{_long}.pt", f"{_SAM2_URL}/092824/sam2.1_hiera_{_long}.pt",
+        f"sam2.1_hiera_{_short}",
+        "sam2",
+        f"configs/sam2.1/sam2.1_hiera_{_short}.yaml",
+        f"sam2.1_hiera_{_long}.pt",
+        f"{_SAM2_URL}/092824/sam2.1_hiera_{_long}.pt",
     )
 for _short, _long in _HIERA.items():
     SAM2_MODEL_SIZES[f"sam2_hiera_{_short}"] = ModelSpec(
-        f"sam2_hiera_{_short}", "sam2", f"configs/sam2/sam2_hiera_{_short}.yaml",
-        f"sam2_hiera_{_long}.pt", f"{_SAM2_URL}/072824/sam2_hiera_{_long}.pt",
+        f"sam2_hiera_{_short}",
+        "sam2",
+        f"configs/sam2/sam2_hiera_{_short}.yaml",
+        f"sam2_hiera_{_long}.pt",
+        f"{_SAM2_URL}/072824/sam2_hiera_{_long}.pt",
     )
 
 SAM_MODEL_SIZES: dict[str, ModelSpec] = {
-    "sam_vit_b": ModelSpec("sam_vit_b", "sam", "vit_b", "sam_vit_b_01ec64.pth",
-                           f"{_SAM_URL}/sam_vit_b_01ec64.pth", "01ec64d29a2fca3f0661936605ae66f8"),
-    "sam_vit_l": ModelSpec("sam_vit_l", "sam", "vit_l", "sam_vit_l_0b3195.pth",
-                           f"{_SAM_URL}/sam_vit_l_0b3195.pth", "0b3195507c641ddb6910d2bb5adee89c"),
-    "sam_vit_h": ModelSpec("sam_vit_h", "sam", "vit_h", "sam_vit_h_4b8939.pth",
-                           f"{_SAM_URL}/sam_vit_h_4b8939.pth", "4b8939a88964f0f4ff5f5b2642c598a6"),
+    "sam_vit_b": ModelSpec(
+        "sam_vit_b",
+        "sam",
+        "vit_b",
+        "sam_vit_b_01ec64.pth",
+        f"{_SAM_URL}/sam_vit_b_01ec64.pth",
+        "01ec64d29a2fca3f0661936605ae66f8",
+    ),
+    "sam_vit_l": ModelSpec(
+        "sam_vit_l",
+        "sam",
+        "vit_l",
+        "sam_vit_l_0b3195.pth",
+        f"{_SAM_URL}/sam_vit_l_0b3195.pth",
+        "0b3195507c641ddb6910d2bb5adee89c",
+    ),
+    "sam_vit_h": ModelSpec(
+        "sam_vit_h",
+        "sam",
+        "vit_h",
+        "sam_vit_h_4b8939.pth",
+        f"{_SAM_URL}/sam_vit_h_4b8939.pth",
+        "4b8939a88964f0f4ff5f5b2642c598a6",
+    ),
 }
 MODEL_SIZES: dict[str, ModelSpec] = {**SAM2_MODEL_SIZES, **SAM_MODEL_SIZES}
 
@@ -139,10 +163,9 @@ def sam2_hydra_overrides(image_size: int = 1024, video_postprocessing: bool = Tr
 
 def _compose_guard():
     """Make sure hydra knows sam2's config module (another library may have re-initialised it)."""
+    import sam2  # noqa: F401  (initialises hydra with sam2's configs on first import)
     from hydra import initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
-
-    import sam2  # noqa: F401  (initialises hydra with sam2's configs on first import)
 
     gh = GlobalHydra.instance()
     if gh.is_initialized():
@@ -162,8 +185,16 @@ def _resolve_device(device: str | torch.device) -> torch.device:
     return torch.device(device)
 
 
-def _build_sam2(builder, model_size: str, checkpoint, image_size, device, mode, video_postprocessing,
-                extra_overrides: Sequence[str]) -> nn.Module:
+def _build_sam2(
+    builder,
+    model_size: str,
+    checkpoint,
+    image_size,
+    device,
+    mode,
+    video_postprocessing,
+    extra_overrides: Sequence[str],
+) -> nn.Module:
     name = canonical_model_size(model_size)
     spec = MODEL_SIZES[name]
     if spec.family != "sam2":
@@ -199,8 +230,9 @@ def build_sam2_model(
     """
     from sam2.build_sam import build_sam2
 
-    return _build_sam2(build_sam2, model_size, checkpoint, image_size, device, mode, video_postprocessing,
-                       extra_overrides)
+    return _build_sam2(
+        build_sam2, model_size, checkpoint, image_size, device, mode, video_postprocessing, extra_overrides
+    )
 
 
 def build_sam2_video_predictor_model(
@@ -213,8 +245,9 @@ def build_sam2_video_predictor_model(
     """``sam2``'s own ``SAM2VideoPredictor`` (the reference for oracle tests and benchmarks)."""
     from sam2.build_sam import build_sam2_video_predictor
 
-    return _build_sam2(build_sam2_video_predictor, model_size, checkpoint, image_size, device, "eval",
-                       False, extra_overrides)
+    return _build_sam2(
+        build_sam2_video_predictor, model_size, checkpoint, image_size, device, "eval", False, extra_overrides
+    )
 
 
 def build_sam_model(
@@ -242,7 +275,9 @@ def build_model(model_size: str, checkpoint=None, image_size: int = 1024, device
     name = canonical_model_size(model_size)
     if MODEL_SIZES[name].family == "sam":
         if int(image_size) != 1024:
-            raise ValueError(f"{name}: segment_anything's registry builds SAM v1 at 1024 px only, got {image_size}")
+            raise ValueError(
+                f"{name}: segment_anything's registry builds SAM v1 at 1024 px only, got {image_size}"
+            )
         return build_sam_model(name, checkpoint, device)
     return build_sam2_model(name, checkpoint, image_size, device, **kwargs)
 
@@ -263,7 +298,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         obj = obj["model"]
     if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         keys = list(obj)[:5] if isinstance(obj, Mapping) else type(obj).__name__
-        raise CheckpointError(f"{p}: expected a state dict of tensors (or {{'model': state_dict}}), found {keys}")
+        raise CheckpointError(
+            f"{p}: expected a state dict of tensors (or {{'model': state_dict}}), found {keys}"
+        )
     return dict(obj)
 
 
@@ -276,7 +313,11 @@ def checkpoint_model_size(state_dict: Mapping[str, torch.Tensor]) -> str:
     """
     w = state_dict.get("image_encoder.trunk.patch_embed.proj.weight")
     if w is not None:
-        blocks = {int(m.group(1)) for k in state_dict if (m := re.match(r"image_encoder\.trunk\.blocks\.(\d+)\.", k))}
+        blocks = {
+            int(m.group(1))
+            for k in state_dict
+            if (m := re.match(r"image_encoder\.trunk\.blocks\.(\d+)\.", k))
+        }
         version = "sam2.1" if "no_obj_embed_spatial" in state_dict else "sam2"
         size = _HIERA_SIGNATURES.get((int(w.shape[0]), len(blocks)))
         if size is None:
@@ -284,7 +325,9 @@ def checkpoint_model_size(state_dict: Mapping[str, torch.Tensor]) -> str:
         return f"{version}_hiera_{size}"
     w = state_dict.get("image_encoder.patch_embed.proj.weight")
     if w is not None:
-        return _VIT_SIGNATURES.get(int(w.shape[0]), f"a SAM ViT of unknown size (embed dim {int(w.shape[0])})")
+        return _VIT_SIGNATURES.get(
+            int(w.shape[0]), f"a SAM ViT of unknown size (embed dim {int(w.shape[0])})"
+        )
     return f"an unknown model (first keys: {list(state_dict)[:3]})"
 
 
@@ -306,7 +349,9 @@ def load_checkpoint(model: nn.Module, checkpoint: str | os.PathLike | None, mode
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as err:
         detail = " ".join(str(err).split())[:600]
-        raise CheckpointError(f"{checkpoint}: does not fit {name} (checkpoint looks like {found}): {detail}") from err
+        raise CheckpointError(
+            f"{checkpoint}: does not fit {name} (checkpoint looks like {found}): {detail}"
+        ) from err
     logger.info("loaded %s weights from %s", name, checkpoint)
     return model
 
