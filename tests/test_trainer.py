@@ -10,11 +10,12 @@ from monai_sam.data import make_phantom
 from monai_sam.engines.feature_cache import FeatureCache, encoder_identity
 from monai_sam.engines.trainer import (
     FrozenEncoderTrainer,
+    SequenceSegmentationLoss,
     collate_as_list,
     freeze_for_training,
     trainable_param_groups,
 )
-from monai_sam.networks import Sam2VolumeSegmenter, build_sam2_model
+from monai_sam.networks import Sam2VolumeSegmenter, build_sam2_model, frames_from_sam_input
 from monai_sam.transforms import CTWindow, SamInput, box_from_mask
 from monai_sam.prompts import ObjectPrompts, SlicePrompt
 
@@ -85,3 +86,78 @@ def test_training_changes_decoder_not_encoder_and_cache_gives_same_losses(tmp_pa
     _, losses_on, cache = _train(tmp_path / "cache")
     assert cache.stats.misses == 8 and cache.stats.hits == 8  # epoch 1 fills, epoch 2 reads
     np.testing.assert_allclose(losses_on, losses_off, atol=1e-5)
+
+
+def test_sequence_loss_trains_the_iou_head_and_the_object_score():
+    """SAM2's loss: IoU prediction (L1 to the mask's real IoU) and object score (BCE) take part."""
+    seg = _segmenter()
+    freeze_for_training(seg.model, ["mask_decoder"])
+    seg.train()
+    item = _samples(1)[0]
+    kwargs, target = seg.training_inputs(item)
+    h, w = item["label"].shape[1:3]
+    assert target.shape == (len(item["prompts"]), 4, h, w)
+    out = seg(None, features=seg.encode(frames_from_sam_input(item["image"])), **kwargs)
+    assert out["iou_predictions"].shape == out["object_score_logits"].shape == target.shape[:2]
+    loss_fn = SequenceSegmentationLoss()
+    full = loss_fn(out, target)
+    mask_only = SequenceSegmentationLoss(lambda_iou=0, lambda_object=0)(out, target)
+    assert float(full.detach()) > float(mask_only.detach())
+    full.backward()
+    iou_head = seg.model.sam_mask_decoder.iou_prediction_head
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in iou_head.parameters())
+    # a perfect prediction with a confident object score and the right IoU costs only the Dice/focal floor
+    perfect = {"logits": target * 40 - 20, "iou_predictions": (target.flatten(2).amax(-1)),
+               "object_score_logits": target.flatten(2).amax(-1) * 40 - 20}
+    assert float(loss_fn(perfect, target)) < 1e-3
+
+
+class _ToyFrozenNet(torch.nn.Module):
+    """The smallest network with the trainer's interface: a frozen conv 'encoder' and a 1x1 head."""
+
+    encoder_batch_size = 4
+
+    def __init__(self):
+        super().__init__()
+        self.image_encoder = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.head = torch.nn.Conv2d(8, 1, 1)
+
+    def encode(self, frames):
+        return {"emb": self.image_encoder(frames)}
+
+    def split_encoded(self, raw):
+        return [{"emb": e.cpu()} for e in raw["emb"]]
+
+    def join_encoded(self, per_frame, device=None):
+        return {"emb": torch.stack([f["emb"] for f in per_frame]).to(device or "cpu")}
+
+    def training_inputs(self, item):
+        return {}, (torch.as_tensor(item["label"])[0].permute(2, 0, 1)[:, None] > 0).float()
+
+    def forward(self, frames, features=None):
+        return self.head((features or self.encode(frames))["emb"])
+
+
+def test_trainer_trains_any_network_with_the_interface(tmp_path):
+    """The trainer is not tied to SAM2: a prompt-free style network trains through the same cache."""
+    torch.manual_seed(0)
+    net = _ToyFrozenNet()
+    groups = trainable_param_groups(net, {"head": 1e-2})
+    assert not any(p.requires_grad for p in net.image_encoder.parameters())
+    data = [{"image": torch.rand(3, 16, 16, 4), "label": (torch.rand(1, 16, 16, 4) > 0.5).long()} for _ in range(2)]
+    cache = FeatureCache(tmp_path, encoder_identity("toy", net.image_encoder, 16))
+    enc_before = {k: v.clone() for k, v in net.image_encoder.state_dict().items()}
+    head_before = {k: v.clone() for k, v in net.head.state_dict().items()}
+    trainer = FrozenEncoderTrainer("cpu", 2, DataLoader(data, batch_size=2, collate_fn=collate_as_list), net,
+                                   torch.optim.AdamW(groups), loss_function=torch.nn.BCEWithLogitsLoss(),
+                                   feature_cache=cache)
+    trainer.run()
+    assert cache.stats.misses == 8 and cache.stats.hits == 8
+    assert all(torch.equal(enc_before[k], v) for k, v in net.image_encoder.state_dict().items())
+    assert any(not torch.equal(head_before[k], v) for k, v in net.head.state_dict().items())
+
+
+def test_trainer_refuses_a_network_without_the_interface():
+    with pytest.raises(TypeError, match="FrozenEncoderNetwork interface"):
+        FrozenEncoderTrainer("cpu", 1, DataLoader([]), torch.nn.Linear(2, 2),
+                             torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1))

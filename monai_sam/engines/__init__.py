@@ -11,9 +11,11 @@ from monai_sam.engines.feature_cache import FeatureCache, encoder_identity, tens
 from monai_sam.engines.handlers import ClassMetricsWriter, ResumeFromLatest
 from monai_sam.engines.trainer import (
     TRAINABLE_PARTS,
+    FrozenEncoderNetwork,
     FrozenEncoderTrainer,
     SequenceSegmentationLoss,
     collate_as_list,
+    encoder_features,
     freeze_for_training,
     trainable_param_groups,
 )
@@ -24,6 +26,7 @@ __all__ = [
     "CheckpointMismatchError",
     "ClassMetricsWriter",
     "FeatureCache",
+    "FrozenEncoderNetwork",
     "FrozenEncoderTrainer",
     "PromptedVolumeEvaluator",
     "ResumeFromLatest",
@@ -31,6 +34,7 @@ __all__ = [
     "TrainableCheckpoint",
     "collate_as_list",
     "encoder_identity",
+    "encoder_features",
     "freeze_for_training",
     "latest_checkpoint",
     "load_trained_parts",

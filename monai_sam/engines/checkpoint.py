@@ -17,6 +17,7 @@ from torch import nn
 
 from monai_sam.engines.feature_cache import encoder_identity
 from monai_sam.engines.trainer import TRAINABLE_PARTS, _part_of
+from monai_sam.networks.sam2_volume import Sam2VolumeSegmenter
 
 __all__ = ["CheckpointMismatchError", "TrainableCheckpoint", "latest_checkpoint", "load_trained_parts"]
 
@@ -28,10 +29,11 @@ class CheckpointMismatchError(RuntimeError):
 
 
 class TrainableCheckpoint:
-    """``state_dict`` / ``load_state_dict`` of a SAM2 model's trained parts, for MONAI's checkpoint handlers.
+    """``state_dict`` / ``load_state_dict`` of a model's trained parts, for MONAI's checkpoint handlers.
 
     Args:
-        model: the ``SAM2Base`` (or a module with a ``.model`` attribute holding it).
+        model: a ``SAM2Base`` (a `Sam2VolumeSegmenter` is unwrapped to it), SAM's ``Sam`` or a
+            prompt-free segmenter: parameter names decide the parts (`TRAINABLE_PARTS`).
         model_name: the official size name, stored for the error messages.
         trainable: the trained parts (keys of `TRAINABLE_PARTS`).
         base_checkpoint: the official file the frozen parts came from (None: random init).
@@ -44,7 +46,8 @@ class TrainableCheckpoint:
         trainable: Sequence[str],
         base_checkpoint: str | None = None,
     ) -> None:
-        self.model = getattr(model, "model", model)
+        # the SAM2Base inside a Sam2VolumeSegmenter (parameter names as in the official file)
+        self.model = model.model if isinstance(model, Sam2VolumeSegmenter) else model
         self.model_name = model_name
         self.trainable = list(trainable)
         unknown = set(self.trainable) - set(TRAINABLE_PARTS)

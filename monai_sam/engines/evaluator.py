@@ -10,7 +10,7 @@ from monai.networks.utils import one_hot
 from monai.utils import CommonKeys
 
 from monai_sam.engines.feature_cache import FeatureCache
-from monai_sam.engines.trainer import _split_slices, _stack_slices, plain_tensor
+from monai_sam.engines.trainer import encoder_features, plain_tensor
 from monai_sam.inferers.memory_propagation import logits_to_label
 from monai_sam.networks.sam2_volume import Sam2VolumeSegmenter, frames_from_sam_input
 
@@ -55,10 +55,7 @@ class PromptedVolumeEvaluator(SupervisedEvaluator):
         hw = tuple(int(v) for v in label.shape[-3:-1])
         features = None
         if self.feature_cache is not None:
-            per_slice = self.feature_cache.get_or_compute(
-                frames.cpu(), lambda x: _split_slices(seg.encode(x.to(self.state.device))), seg.encoder_batch_size
-            )
-            features = _stack_slices(per_slice, seg, self.state.device)
+            features = encoder_features(seg, frames, self.state.device, self.feature_cache)
         logits = seg.propagate(None if features is not None else frames, prompts, original_size=hw,
                                output_size=hw, features=features)
         pred = logits_to_label(logits.permute(0, 2, 3, 1), [p.object_id for p in prompts], self.threshold)

@@ -1,31 +1,37 @@
-"""Frozen-encoder training of SAM2's light parts on slice sequences, on MONAI's SupervisedTrainer.
+"""Frozen-encoder training of SAM / SAM2's light parts, on MONAI's SupervisedTrainer.
 
 The image encoder never trains (no gradients, eval mode, not in the optimizer, not in our
 checkpoints), so its output for a slice is computed once and read from the `FeatureCache`
 afterwards. What trains is chosen by name (mask decoder, memory attention, memory encoder,
-object pointers, optionally the prompt encoder), each with its own learning rate, as
-Medical-SAM2 does.
+object pointers, a prompt-free head, optionally the prompt encoder), each with its own
+learning rate, as Medical-SAM2 does.
+
+Any network with the small `FrozenEncoderNetwork` interface trains here: the slice-memory
+`Sam2VolumeSegmenter`, SAM's 2D image mode, the prompt-free heads. The trainer owns the
+encoder / cache / optimizer loop; the network says what a sample means.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from monai.engines import SupervisedTrainer
 from monai.losses import DiceFocalLoss
 from monai.utils import CommonKeys, convert_to_tensor
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from monai_sam.engines.feature_cache import FeatureCache
-from monai_sam.networks.sam2_volume import Sam2VolumeSegmenter, frames_from_sam_input
-from monai_sam.prompts import ObjectPrompts
+from monai_sam.networks.sam2_volume import frames_from_sam_input
 
 __all__ = [
     "TRAINABLE_PARTS",
+    "FrozenEncoderNetwork",
     "FrozenEncoderTrainer",
+    "encoder_features",
     "SequenceSegmentationLoss",
     "collate_as_list",
     "freeze_for_training",
@@ -35,14 +41,60 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: SAM2Base sub-modules / parameters that make up each trainable part.
+#: Parameter-name prefixes of each trainable part: SAM2Base's modules, segment_anything's
+#: ``Sam`` (``mask_decoder``, ``prompt_encoder``) and the prompt-free heads (``head``).
 TRAINABLE_PARTS: dict[str, tuple[str, ...]] = {
-    "mask_decoder": ("sam_mask_decoder",),
-    "prompt_encoder": ("sam_prompt_encoder",),
+    "mask_decoder": ("sam_mask_decoder", "mask_decoder"),
+    "prompt_encoder": ("sam_prompt_encoder", "prompt_encoder"),
     "memory_attention": ("memory_attention",),
     "memory_encoder": ("memory_encoder", "mask_downsample", "maskmem_tpos_enc", "no_mem_embed", "no_mem_pos_enc"),
     "object_pointers": ("obj_ptr_proj", "obj_ptr_tpos_proj", "no_obj_ptr", "no_obj_embed_spatial"),
+    "head": ("head",),
 }
+
+
+@runtime_checkable
+class FrozenEncoderNetwork(Protocol):
+    """What `FrozenEncoderTrainer` needs of a network (see the module docstring).
+
+    ``encode`` gives the frozen encoder's raw, batched outputs for ``(n, 3, S, S)`` frames;
+    ``split_encoded`` / ``join_encoded`` turn them into one dict of CPU tensors per frame (the
+    cache's unit) and back; ``training_inputs(item)`` gives ``forward``'s keyword arguments and
+    the loss target for one sample; ``forward(None, features=..., **kwargs)`` the output that
+    the loss function takes.
+    """
+
+    encoder_batch_size: int
+
+    def encode(self, frames: Tensor) -> Mapping[str, Any]: ...
+
+    def split_encoded(self, raw: Mapping[str, Any]) -> list[dict[str, Tensor]]: ...
+
+    def join_encoded(self, per_frame: Sequence[Mapping[str, Tensor]], device: Any = None) -> Mapping[str, Any]: ...
+
+    def training_inputs(self, item: Mapping[str, Any]) -> tuple[dict[str, Any], Tensor]: ...
+
+
+def encoder_features(
+    network: FrozenEncoderNetwork, frames: Tensor, device: torch.device | str, cache: FeatureCache | None = None
+) -> Mapping[str, Any]:
+    """Raw encoder outputs for ``(T, 3, S, S)`` frames, read from ``cache`` when it has them."""
+    with torch.no_grad():
+        if cache is None:
+            return network.encode(frames.to(device))
+        per_frame = cache.get_or_compute(
+            frames.cpu(), lambda x: network.split_encoded(network.encode(x.to(device))), network.encoder_batch_size
+        )
+        return network.join_encoded(per_frame, device)
+
+
+def _image_encoder(model: nn.Module) -> nn.Module | None:
+    """The frozen encoder of a network, a SAM/SAM2 model or a wrapper around one (``.model``)."""
+    for m in (model, getattr(model, "model", None)):
+        encoder = getattr(m, "image_encoder", None)
+        if isinstance(encoder, nn.Module):
+            return encoder
+    return None
 
 
 def _part_of(name: str) -> str | None:
@@ -67,7 +119,9 @@ def freeze_for_training(model: nn.Module, trainable: Sequence[str]) -> dict[str,
         param.requires_grad_(train)
         if train:
             groups[part].append(param)
-    model.image_encoder.eval()
+    encoder = _image_encoder(model)
+    if encoder is not None:
+        encoder.eval()
     return groups
 
 
@@ -102,30 +156,57 @@ def collate_as_list(batch: list[dict]) -> list[dict]:
 
 
 class SequenceSegmentationLoss(nn.Module):
-    """Dice + focal loss per object over a slice sequence (logits ``(N, T, H, W)``)."""
+    """SAM2's training loss per object over a slice sequence.
 
-    def __init__(self, lambda_dice: float = 1.0, lambda_focal: float = 20.0, gamma: float = 2.0) -> None:
+    Mask: focal (x20) + Dice on the logits ``(N, T, H, W)``, Dice over each object's whole
+    sequence so small organs stay visible; IoU: L1 between the IoU SAM2 predicts for its mask
+    and the mask's actual IoU, on slices that show the object; object score: BCE on whether
+    the object is on the slice. The weights are SAM2's own (20 : 1 : 1 : 1). A bare logits
+    tensor (no IoU / object-score outputs) gets the mask terms only.
+    """
+
+    def __init__(
+        self,
+        lambda_dice: float = 1.0,
+        lambda_focal: float = 20.0,
+        lambda_iou: float = 1.0,
+        lambda_object: float = 1.0,
+        gamma: float = 2.0,
+    ) -> None:
         super().__init__()
-        # SAM's own weighting of focal vs dice is 20:1; Dice keeps small organs visible
-        self.loss = DiceFocalLoss(sigmoid=True, lambda_dice=lambda_dice, lambda_focal=lambda_focal, gamma=gamma)
+        self.mask_loss = DiceFocalLoss(sigmoid=True, lambda_dice=lambda_dice, lambda_focal=lambda_focal, gamma=gamma)
+        self.lambda_iou = float(lambda_iou)
+        self.lambda_object = float(lambda_object)
 
-    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
-        # objects as the batch, slices as depth: Dice over the whole object sequence
-        return self.loss(logits[:, None], target[:, None].to(logits.dtype))
-
-
-def object_targets(label: Tensor, prompts: Sequence[ObjectPrompts]) -> Tensor:
-    """Binary targets ``(N, T, H, W)`` from a label sequence ``(1, H, W, T)`` for each prompted object."""
-    lab = label[0] if label.ndim == 4 else label
-    return torch.stack([(lab == o.object_id).permute(2, 0, 1) for o in prompts]).float()
+    def forward(self, output: Mapping[str, Tensor] | Tensor, target: Tensor) -> Tensor:
+        out = output if isinstance(output, Mapping) else {"logits": output}
+        logits = out["logits"].float()
+        target = target.to(logits.dtype)
+        # objects as the batch, slices as depth
+        loss = self.mask_loss(logits[:, None], target[:, None])
+        present = target.flatten(2).amax(-1)  # (N, T): the object is on the slice
+        if self.lambda_iou and "iou_predictions" in out:
+            with torch.no_grad():
+                pred = logits > 0
+                inter = (pred & (target > 0)).flatten(2).sum(-1).float()
+                union = (pred | (target > 0)).flatten(2).sum(-1).float()
+                actual = inter / union.clamp(min=1)
+            err = (out["iou_predictions"].float() - actual).abs() * present
+            loss = loss + self.lambda_iou * err.sum() / present.sum().clamp(min=1)
+        if self.lambda_object and "object_score_logits" in out:
+            loss = loss + self.lambda_object * F.binary_cross_entropy_with_logits(
+                out["object_score_logits"].float(), present
+            )
+        return loss
 
 
 class FrozenEncoderTrainer(SupervisedTrainer):
-    """`SupervisedTrainer` whose iteration runs SAM2's memory over a slice sequence per sample.
+    """`SupervisedTrainer` whose iteration reads a frozen encoder's features through a cache.
 
-    Each batch item holds ``image`` ``(3, S, S, T)`` (`SamInputd` output), ``label``
-    ``(1, H, W, T)`` and ``prompts`` (``list[ObjectPrompts]`` in the label's pixel grid).
-    Encoder features come from ``feature_cache`` when given (computed on the first visit).
+    Each batch item (``collate_as_list``) holds ``image``: `SamInputd` output ``(3, S, S, T)``
+    (a slice sequence) or ``(3, S, S)`` (a 2D image), and whatever the network's
+    ``training_inputs`` reads (labels, prompts). Encoder features come from ``feature_cache``
+    when given (computed on the first visit); the loss is averaged over the batch's items.
     """
 
     def __init__(
@@ -133,9 +214,9 @@ class FrozenEncoderTrainer(SupervisedTrainer):
         device: torch.device | str,
         max_epochs: int,
         train_data_loader,
-        network: Sam2VolumeSegmenter,
+        network: nn.Module,
         optimizer: torch.optim.Optimizer,
-        loss_function: Callable[[Tensor, Tensor], Tensor] | None = None,
+        loss_function: Callable[[Any, Tensor], Tensor] | None = None,
         feature_cache: FeatureCache | None = None,
         amp: bool = False,
         **kwargs: Any,
@@ -151,39 +232,38 @@ class FrozenEncoderTrainer(SupervisedTrainer):
             amp=amp,
             **kwargs,
         )
+        if not isinstance(self.segmenter, FrozenEncoderNetwork):
+            raise TypeError(
+                f"{type(self.segmenter).__name__} lacks the FrozenEncoderNetwork interface "
+                "(encoder_batch_size, encode, split_encoded, join_encoded, training_inputs)"
+            )
         self.feature_cache = feature_cache
 
     @property
-    def segmenter(self) -> Sam2VolumeSegmenter:
-        """The `Sam2VolumeSegmenter`, unwrapped from DistributedDataParallel when wrapped."""
+    def segmenter(self) -> nn.Module:
+        """The network, unwrapped from DistributedDataParallel when wrapped."""
         return getattr(self.network, "module", self.network)
 
-    def encoder_features(self, frames: Tensor) -> dict[str, list[Tensor]]:
+    def encoder_features(self, frames: Tensor) -> Mapping[str, Any]:
         """Raw encoder outputs for ``(T, 3, S, S)`` frames, through the cache when there is one."""
-        seg = self.segmenter
-        with torch.no_grad():
-            if self.feature_cache is None:
-                return seg.encode(frames.to(self.state.device))
-            per_slice = self.feature_cache.get_or_compute(
-                frames.cpu(), lambda x: _split_slices(seg.encode(x.to(self.state.device))), seg.encoder_batch_size
-            )
-            return _stack_slices(per_slice, seg, self.state.device)
+        return encoder_features(self.segmenter, frames, self.state.device, self.feature_cache)
 
     def _iteration(self, engine, batchdata: list[dict]) -> dict[str, Any]:  # type: ignore[override]
         seg = self.segmenter
         seg.train()
-        seg.model.image_encoder.eval()
+        encoder = _image_encoder(seg)
+        if encoder is not None:
+            encoder.eval()
         self.optimizer.zero_grad(set_to_none=self.optim_set_to_none)
         total = torch.zeros((), device=self.state.device)
         for item in batchdata:
             frames = frames_from_sam_input(plain_tensor(item[CommonKeys.IMAGE]))
-            label = plain_tensor(item[CommonKeys.LABEL]).to(self.state.device)
-            prompts = item["prompts"]
             features = self.encoder_features(frames)
+            kwargs, target = seg.training_inputs({k: _plain(v) for k, v in item.items()})
             with torch.autocast(self.state.device.type, enabled=self.amp):
                 # through self.network so that DDP synchronises the gradients
-                out = self.network(None, prompts, original_size=tuple(label.shape[-3:-1]), features=features)
-                loss = self.loss_function(out["logits"].float(), object_targets(label, prompts))
+                out = self.network(None, features=features, **kwargs)
+                loss = self.loss_function(out, target.to(self.state.device))
             total = total + loss / len(batchdata)
         if self.amp and self.scaler is not None:
             self.scaler.scale(total).backward()
@@ -196,16 +276,5 @@ class FrozenEncoderTrainer(SupervisedTrainer):
         return engine.state.output
 
 
-def _split_slices(raw: Mapping[str, Sequence[Tensor]]) -> list[dict[str, Tensor]]:
-    """Batched encoder outputs -> one dict per slice (the cache's unit); positions are recomputed."""
-    fpn = raw["backbone_fpn"]
-    return [{f"fpn{i}": level[n].cpu() for i, level in enumerate(fpn)} for n in range(fpn[0].shape[0])]
-
-
-def _stack_slices(per_slice: Sequence[Mapping[str, Tensor]], seg: Sam2VolumeSegmenter, device) -> dict:
-    levels = len([k for k in per_slice[0] if k.startswith("fpn")])
-    fpn = [torch.stack([s[f"fpn{i}"] for s in per_slice]).to(device) for i in range(levels)]
-    # sine position encodings depend only on the feature shape: recomputed, not cached
-    pos_enc = seg.model.image_encoder.neck.position_encoding
-    pos = [pos_enc(level).to(level.dtype) for level in fpn]
-    return {"backbone_fpn": fpn, "vision_pos_enc": pos}
+def _plain(value: Any) -> Any:
+    return plain_tensor(value) if isinstance(value, torch.Tensor) else value

@@ -262,6 +262,11 @@ class Sam2VolumeSegmenter(nn.Module):
         return int(self.model.image_size)
 
     @property
+    def image_encoder(self) -> nn.Module:
+        """The (frozen) image encoder, whose raw outputs `encode` returns."""
+        return self.model.image_encoder
+
+    @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
@@ -342,8 +347,10 @@ class Sam2VolumeSegmenter(nn.Module):
             reverse,
             None,
         )
-        _, _, _, low_res_masks, high_res_masks, obj_ptr, object_score_logits = sam_outputs
+        _, _, ious, low_res_masks, high_res_masks, obj_ptr, object_score_logits = sam_outputs
         current_out["pred_masks"] = low_res_masks
+        # the IoU SAM2 predicts for the mask it chose (the best of several with multimask output)
+        current_out["iou_pred"] = ious.max(dim=1).values if ious.shape[1] > 1 else ious[:, 0]
         current_out["pred_masks_high_res"] = high_res_masks
         current_out["obj_ptr"] = obj_ptr
         current_out["object_score_logits"] = object_score_logits
@@ -403,6 +410,7 @@ class Sam2VolumeSegmenter(nn.Module):
             "pred_masks": self._fill_holes(out["pred_masks"]) if not differentiable else out["pred_masks"],
             "obj_ptr": out["obj_ptr"],
             "object_score_logits": out["object_score_logits"],
+            "iou_pred": out["iou_pred"],
         }
 
     # ------------------------------------------------------------------ the propagation
@@ -481,6 +489,7 @@ class Sam2VolumeSegmenter(nn.Module):
         if differentiable:
             results: dict[tuple[int, int], Tensor] = {}
             scores: dict[tuple[int, int], Tensor] = {}
+            ious: dict[tuple[int, int], Tensor] = {}
             logits = None
         else:
             logits = torch.full(
@@ -492,6 +501,7 @@ class Sam2VolumeSegmenter(nn.Module):
             if differentiable:
                 results[(id(cohort), f)] = low
                 scores[(id(cohort), f)] = out["object_score_logits"]
+                ious[(id(cohort), f)] = out["iou_pred"]
                 return
             up = low.float()
             if tuple(up.shape[-2:]) != out_hw:
@@ -552,6 +562,7 @@ class Sam2VolumeSegmenter(nn.Module):
                         "pred_masks",
                         "obj_ptr",
                         "object_score_logits",
+                        "iou_pred",
                     )
                 }
                 cohort.output_dict["cond_frame_outputs"][k] = self._compact(merged, cohort, differentiable)
@@ -609,9 +620,10 @@ class Sam2VolumeSegmenter(nn.Module):
         low_hw = next(iter(results.values())).shape[-2:]
         fill = torch.full((1, *low_hw), NO_OBJ_SCORE, device=self.device)
         rows: list[list[Tensor]] = [[fill] * num_frames for _ in range(n_obj)]
-        obj_scores: list[list[Tensor]] = [
-            [torch.full((), NO_OBJ_SCORE, device=self.device)] * num_frames for _ in range(n_obj)
-        ]
+        no_score = torch.full((), NO_OBJ_SCORE, device=self.device)
+        no_iou = torch.zeros((), device=self.device)
+        obj_scores: list[list[Tensor]] = [[no_score] * num_frames for _ in range(n_obj)]
+        iou_preds: list[list[Tensor]] = [[no_iou] * num_frames for _ in range(n_obj)]
         for cohort in cohorts:
             for f in range(num_frames):
                 low = results.get((id(cohort), f))
@@ -620,10 +632,15 @@ class Sam2VolumeSegmenter(nn.Module):
                 for n, row in enumerate(cohort.rows):
                     rows[row][f] = low[n]
                     obj_scores[row][f] = scores[(id(cohort), f)][n].reshape(())
+                    iou_preds[row][f] = ious[(id(cohort), f)][n].reshape(())
         stacked = torch.stack([torch.cat(r) for r in rows]).float()  # (N, T, h, w)
         if tuple(stacked.shape[-2:]) != out_hw:
             stacked = F.interpolate(stacked, size=out_hw, mode="bilinear", align_corners=False)
-        return stacked, torch.stack([torch.stack(s) for s in obj_scores])
+        extras = {
+            "object_score_logits": torch.stack([torch.stack(s) for s in obj_scores]).float(),
+            "iou_predictions": torch.stack([torch.stack(s) for s in iou_preds]).float(),
+        }
+        return stacked, extras
 
     @staticmethod
     def _prune(cohort: _Cohort, f: int, step: int, num_maskmem: int, direction: str) -> None:
@@ -711,7 +728,7 @@ class Sam2VolumeSegmenter(nn.Module):
         "object_score_logits": (N, T)}`` with ``(h, w)`` = ``output_size`` or the original size.
         """
         source = _as_frame_source(frames) if frames is not None else None
-        logits, obj_scores = self._run(
+        logits, extras = self._run(
             source,
             features,
             prompts,
@@ -723,7 +740,36 @@ class Sam2VolumeSegmenter(nn.Module):
             output_device=self.device,
             progress=False,
         )
-        return {"logits": logits, "object_score_logits": obj_scores}
+        return {"logits": logits, **extras}
+
+    # ------------------------------------------------------------------ the trainer's protocol
+    def split_encoded(self, raw: Mapping[str, Sequence[Tensor]]) -> list[dict[str, Tensor]]:
+        """Batched `encode` outputs -> one dict of CPU tensors per slice (the feature cache's unit).
+
+        Position encodings are left out: they depend only on the feature shape.
+        """
+        fpn = raw["backbone_fpn"]
+        return [{f"fpn{i}": level[n].cpu() for i, level in enumerate(fpn)} for n in range(fpn[0].shape[0])]
+
+    def join_encoded(
+        self, per_slice: Sequence[Mapping[str, Tensor]], device: torch.device | str | None = None
+    ) -> dict[str, list[Tensor]]:
+        """The inverse of `split_encoded`: what `forward` / `propagate` take as ``features``."""
+        levels = len([k for k in per_slice[0] if k.startswith("fpn")])
+        fpn = [torch.stack([s[f"fpn{i}"] for s in per_slice]).to(device or self.device) for i in range(levels)]
+        pos_enc = self.model.image_encoder.neck.position_encoding
+        return {"backbone_fpn": fpn, "vision_pos_enc": [pos_enc(level).to(level.dtype) for level in fpn]}
+
+    def training_inputs(self, item: Mapping[str, Any]) -> tuple[dict[str, Any], Tensor]:
+        """``forward`` keyword arguments and binary targets ``(N, T, H, W)`` for one training sample.
+
+        ``item`` holds ``prompts`` (``list[ObjectPrompts]``) and ``label`` ``(1, H, W, T)``.
+        """
+        label = torch.as_tensor(item["label"])
+        label = label[0] if label.ndim == 4 else label
+        prompts = list(item["prompts"])
+        target = torch.stack([(label == o.object_id).permute(2, 0, 1) for o in prompts]).float()
+        return {"prompts": prompts, "original_size": tuple(int(v) for v in label.shape[:2])}, target
 
 
 def _progress(order: range, enabled: bool, desc: str) -> Iterator[int]:
@@ -735,7 +781,12 @@ def _progress(order: range, enabled: bool, desc: str) -> Iterator[int]:
 
 
 def frames_from_sam_input(image: Tensor) -> Tensor:
-    """``(3, S, S, T)`` (`SamInput` output, batch dim allowed) -> ``(T, 3, S, S)`` frames."""
+    """``(3, S, S, T)`` (`SamInput` output, batch dim allowed) -> ``(T, 3, S, S)`` frames.
+
+    A 2D ``(3, S, S)`` image is one frame.
+    """
+    if image.ndim == 3 and image.shape[0] == 3:
+        return image[None]
     if image.ndim == 5:
         if image.shape[0] != 1:
             raise ValueError(f"one volume at a time, got a batch of {image.shape[0]}")
