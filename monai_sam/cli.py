@@ -7,6 +7,7 @@ Each sub-command lives in a small `_add_<name>` / `_run_<name>` pair so that new
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import sys
 from collections.abc import Sequence
@@ -84,49 +85,130 @@ def _run_convert(args: argparse.Namespace) -> int:
 def _add_segment(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "segment",
-        help="segment a CT/MR volume from prompts on key slices with SAM2's slice memory",
-        description="Segment the objects of a prompt file (docs/prompt_file.md) in one volume and write "
-        "OUTPUT/<case>_seg.nii.gz (object ids, the input's orientation and affine).",
+        help="segment CT/MR volumes (NIfTI, DICOM folders, PACS studies) from prompts with SAM2's slice memory",
+        description="Segment every case of --input (a NIfTI file, a DICOM series, or a folder tree of studies) "
+        "or of a PACS (--dicomweb URL --study UID) and write OUTPUT/<case>_seg.nii.gz (object ids, the input's "
+        "orientation and affine), with --dicom-seg a DICOM-SEG <case>_seg.dcm referencing the source series, "
+        "and <case>_seg.json. Cases already done are skipped; a failed case is listed and the others go on. "
+        "Exit status: 0 all cases done or skipped, 2 a case failed or the run could not start. "
+        "See docs/dicom_pipeline.md.",
     )
-    p.add_argument("--input", type=Path, required=True, help="NIfTI file or DICOM series folder")
-    p.add_argument("--prompts", type=Path, required=True, help="prompt file (JSON, see docs/prompt_file.md)")
-    p.add_argument("--checkpoint", type=Path, default=None,
-                   help="official SAM2/SAM2.1 .pt of --model-size (none: random weights, a demo only)")
-    p.add_argument("--output", type=Path, required=True, help="output folder")
-    p.add_argument("--model-size", default="sam2.1_hiera_t", help="sam2.1_hiera_t|s|b+|l, sam2_hiera_*")
-    p.add_argument("--image-size", type=int, default=1024, help="SAM2 input size in pixels (1024 = official)")
-    p.add_argument("--window", default="auto",
-                   help="'auto' (CT window or MR percentiles), 'mr', 'none', a CT preset: abdomen, liver...")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
-    p.add_argument("--precision", default="auto", help="auto (bf16 on CUDA), float32, bfloat16, float16")
-    p.add_argument("--encoder-batch-size", type=int, default=8, help="slices per image-encoder call")
+    src = p.add_argument_group("input")
+    src.add_argument("--input", type=Path, default=None,
+                     help="NIfTI file, DICOM series folder, or a folder tree of DICOM studies / NIfTI files")
+    src.add_argument("--dicomweb", default=None, metavar="URL",
+                     help="DICOMweb root of a PACS (e.g. http://localhost:8042/dicom-web); credentials from "
+                     "MONAI_SAM_DICOMWEB_TOKEN or MONAI_SAM_DICOMWEB_USER/_PASSWORD")
+    src.add_argument("--study", action="append", default=[], metavar="UID",
+                     help="StudyInstanceUID to pull from --dicomweb (repeat for several)")
+    src.add_argument("--series-uid", default=None, help="segment this series (when a study holds several)")
+    src.add_argument("--min-slices", type=int, default=8,
+                     help="fewest slices of a usable series (localizers have fewer)")
+    how = p.add_argument_group("model and prompts")
+    how.add_argument("--bundle", type=Path, default=None,
+                     help="a trained bundle folder (configs/ + models/model.pt), e.g. bundles/sam2_ct_abdominal_organs")
+    how.add_argument("--prompts", type=Path, default=None,
+                     help="prompt file (one case) or folder of <case>.json prompt files (docs/prompt_file.md)")
+    how.add_argument("--auto", action="store_true",
+                     help="prompts from the bundle's automatic prompter (its inference.yaml 'auto_prompter')")
+    how.add_argument("--checkpoint", type=Path, default=None,
+                     help="official SAM2/SAM2.1 .pt: without --bundle the model itself; with --bundle the frozen "
+                     "encoder the bundle was trained on (none: random weights, a demo only)")
+    how.add_argument("--model-size", default="sam2.1_hiera_t", help="without --bundle: sam2.1_hiera_t|s|b+|l, sam2_hiera_*")
+    how.add_argument("--image-size", type=int, default=1024,
+                     help="without --bundle: SAM2 input size in pixels (1024 = official)")
+    how.add_argument("--window", default="auto",
+                     help="without --bundle: 'auto' (CT window or MR percentiles), 'mr', 'none', a CT preset...")
+    out = p.add_argument_group("output")
+    out.add_argument("--output", type=Path, required=True, help="output folder")
+    out.add_argument("--dicom-seg", action="store_true", help="also write a DICOM-SEG for DICOM inputs")
+    out.add_argument("--no-store", action="store_true", help="with --dicomweb: do not store the SEG back (STOW-RS)")
+    out.add_argument("--overwrite", action="store_true", help="redo cases already done")
+    run = p.add_argument_group("running")
+    run.add_argument("--device", default="auto", help="auto (under torchrun: cuda:LOCAL_RANK), cpu, cuda, cuda:1 ...")
+    run.add_argument("--precision", default="auto", help="without --bundle: auto (bf16 on CUDA), float32, bfloat16")
+    run.add_argument("--encoder-batch-size", type=int, default=8, help="without --bundle: slices per encoder call")
     p.set_defaults(func=_run_segment)
 
 
+def _segment_cases(args: argparse.Namespace, modalities: tuple[str, ...]):
+    from monai_sam.pipeline import PipelineError, dicomweb_cases, discover_cases
+
+    if (args.input is None) == (args.dicomweb is None):
+        raise PipelineError("give --input PATH or --dicomweb URL --study UID (one of them)")
+    if args.dicomweb is not None:
+        if not args.study:
+            raise PipelineError("--dicomweb needs at least one --study UID")
+        if not args.dicom_seg and not args.no_store:
+            logger.info("--dicomweb: writing a DICOM-SEG to store back (as with --dicom-seg)")
+            args.dicom_seg = True
+        return dicomweb_cases(args.dicomweb, args.study)
+    if args.study:
+        raise PipelineError("--study goes with --dicomweb")
+    return discover_cases(args.input, modalities=modalities, min_slices=args.min_slices, series_uid=args.series_uid)
+
+
+def _bundle_modalities(bundle: Path | None) -> tuple[str, ...]:
+    """The image modality a bundle declares in its metadata (CT and MR when it says nothing)."""
+    import json
+
+    if bundle is None:
+        return ("CT", "MR")
+    try:
+        meta = json.loads((bundle / "configs" / "metadata.json").read_text())
+        modality = meta["network_data_format"]["inputs"]["image"]["modality"]
+        return (str(modality).upper(),)
+    except (OSError, ValueError, KeyError, TypeError):
+        return ("CT", "MR")
+
+
 def _run_segment(args: argparse.Namespace) -> int:
-    from monai_sam.networks import CheckpointError
-    from monai_sam.prompts import PromptError
-    from monai_sam.segment import segment_to_file
+    from monai_sam.pipeline import (
+        PipelineError,
+        load_bundle_model,
+        load_checkpoint_model,
+        rank_and_world,
+        run_pipeline,
+    )
+    from monai_sam.pipeline import _device as pipeline_device
 
     try:
-        out = segment_to_file(
-            args.input,
-            args.prompts,
-            args.output,
-            checkpoint=args.checkpoint,
-            model_size=args.model_size,
-            image_size=args.image_size,
-            window=None if str(args.window).lower() == "none" else args.window,
-            device=args.device,
-            precision=args.precision,
-            encoder_batch_size=args.encoder_batch_size,
-            progress=True,
+        if args.auto and args.prompts is not None:
+            raise PipelineError("give --prompts or --auto, not both")
+        if not args.auto and args.prompts is None:
+            raise PipelineError("give --prompts (a prompt file or a folder of <case>.json) or --auto")
+        if args.auto and args.bundle is None:
+            raise PipelineError("--auto needs --bundle: a bundle whose inference.yaml defines 'auto_prompter'")
+        rank, world, local_rank = rank_and_world()
+        device = pipeline_device(args.device, local_rank)
+        window = None if str(args.window).lower() == "none" else args.window
+        if args.bundle is not None:
+            def factory():
+                return load_bundle_model(args.bundle, args.checkpoint, device=device, need_auto=args.auto)
+        else:
+            def factory():
+                return load_checkpoint_model(
+                    args.checkpoint, args.model_size, args.image_size, window, device, args.precision,
+                    args.encoder_batch_size,
+                )
+        factory = functools.cache(factory)  # built once, and only when a case needs it
+        if args.auto:
+            factory()  # fail fast when the bundle has no automatic mode
+        cases = _segment_cases(args, _bundle_modalities(args.bundle))
+        dicomweb = None
+        if args.dicomweb is not None:
+            from monai_sam.io.dicomweb import DicomWebSource
+
+            dicomweb = DicomWebSource.from_env(args.dicomweb)
+        summary = run_pipeline(
+            cases, factory, args.output, prompts=args.prompts, auto=args.auto, dicom_seg=args.dicom_seg,
+            overwrite=args.overwrite, dicomweb=dicomweb, store=not args.no_store, min_slices=args.min_slices,
+            rank=rank, world_size=world,
         )
-    except (CheckpointError, PromptError, FileNotFoundError, ValueError) as err:
-        logger.error("segment: %s", err)  # the message names the file and what is wrong
+    except (PipelineError, FileNotFoundError, ValueError) as err:
+        logger.error("segment: %s", err)  # the message names the file, study or bundle and what is wrong
         return 2
-    logger.info("segmentation written to %s", out)
-    return 0
+    return 2 if summary["counts"]["failed"] else 0
 
 
 def build_parser() -> argparse.ArgumentParser:

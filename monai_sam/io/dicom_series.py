@@ -4,7 +4,15 @@
 ``select_series`` picks the one series a folder should hold (or the one named by its UID).
 ``check_series`` verifies that the slices form a regular grid that ITK/MONAI read correctly
 (one size, one orientation, one pixel spacing, uniform spacing along the slice normal, no
-gantry tilt, no missing or duplicate slices) and returns the files sorted along the normal.
+gantry tilt, no missing or duplicate slices, pixel data present and decodable) and returns the
+files sorted along the normal.
+``pick_image_series`` chooses, among the series of one study, the one a model can use (its
+modality, greyscale, single-frame, axial-ish, enough slices) and says why the others were left.
+
+Compressed transfer syntaxes (JPEG, JPEG-LS, JPEG 2000, RLE) are decoded through pydicom's
+pixel data plugins (pylibjpeg with its libjpeg / openjpeg / rle plugins, or python-gdcm, see
+requirements.txt): ``check_series`` decodes one file per transfer syntax and names the
+missing plugin when pydicom cannot.
 
 Every problem is a :class:`DicomSeriesError` naming the folder/file and what is wrong.
 """
@@ -15,7 +23,7 @@ import dataclasses
 import logging
 import os
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +38,10 @@ __all__ = [
     "select_series",
     "check_series",
     "NON_IMAGE_MODALITIES",
+    "DECODER_PLUGINS",
+    "check_decodable",
+    "pick_image_series",
+    "series_folder",
 ]
 
 logger = logging.getLogger(__name__)
@@ -47,6 +59,22 @@ _UNCOMPRESSED = {
 }
 
 _MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"  # DICOMDIR: no series of its own
+
+_JPEG = "pylibjpeg + pylibjpeg-libjpeg, or python-gdcm"
+# transfer syntax -> the pip packages with a pydicom plugin that decodes it (requirements.txt)
+DECODER_PLUGINS = {
+    "1.2.840.10008.1.2.4.50": _JPEG + " (or Pillow)",  # JPEG baseline (8 bit)
+    "1.2.840.10008.1.2.4.51": _JPEG,  # JPEG extended (12 bit)
+    "1.2.840.10008.1.2.4.57": _JPEG,  # JPEG lossless, process 14
+    "1.2.840.10008.1.2.4.70": _JPEG,  # JPEG lossless, process 14, selection value 1
+    "1.2.840.10008.1.2.4.80": _JPEG,  # JPEG-LS lossless
+    "1.2.840.10008.1.2.4.81": _JPEG,  # JPEG-LS near-lossless
+    "1.2.840.10008.1.2.4.90": "pylibjpeg + pylibjpeg-openjpeg, or python-gdcm",  # JPEG 2000 lossless
+    "1.2.840.10008.1.2.4.91": "pylibjpeg + pylibjpeg-openjpeg, or python-gdcm",  # JPEG 2000
+    "1.2.840.10008.1.2.5": "numpy (pydicom's own RLE decoder) or pylibjpeg + pylibjpeg-rle",  # RLE lossless
+}
+# little-endian sequence delimitation item that ends encapsulated (compressed) pixel data
+_SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
 
 # tolerances of check_series
 POSITION_ATOL_MM = 0.01  # two slices closer than this along the normal are duplicates
@@ -215,15 +243,24 @@ def _walk(root: Path) -> Iterable[Path]:
             yield Path(dirpath) / name
 
 
-def find_series(root: str | os.PathLike) -> list[DicomSeries]:
+def find_series(
+    root: str | os.PathLike, unreadable: list[tuple[Path, str]] | None = None
+) -> list[DicomSeries]:
     """All DICOM series under ``root`` (a folder tree, or a single file).
 
     Only headers are read. Files that are not DICOM are skipped (logged at debug level); DICOM
     files without a SeriesInstanceUID (e.g. DICOMDIR) are skipped too.
 
+    Args:
+        root: folder tree or file.
+        unreadable: when a list is given, DICOM files that cannot be parsed are appended to it
+            as ``(path, message)`` instead of raising, so that one broken file in an archive
+            does not hide the other studies (the caller decides whose case it spoils).
+
     Raises:
         FileNotFoundError: ``root`` does not exist.
-        DicomSeriesError: a file with the DICOM preamble cannot be parsed (truncated, corrupt).
+        DicomSeriesError: a file with the DICOM preamble cannot be parsed (truncated, corrupt)
+            and ``unreadable`` is None.
     """
     root = Path(root)
     if not root.exists():
@@ -231,7 +268,13 @@ def find_series(root: str | os.PathLike) -> list[DicomSeries]:
     paths = [root] if root.is_file() else list(_walk(root))
     groups: dict[tuple[str, str], DicomSeries] = {}
     for path in paths:
-        read = read_header(path)
+        try:
+            read = read_header(path)
+        except DicomSeriesError as err:
+            if unreadable is None:
+                raise
+            unreadable.append((path, str(err)))
+            continue
         if read is None:
             logger.debug("skipping non-DICOM file %s", path)
             continue
@@ -241,10 +284,14 @@ def find_series(root: str | os.PathLike) -> list[DicomSeries]:
             sop_class = str(getattr(ds, "file_meta", {}).get("MediaStorageSOPClassUID", ""))
             if getattr(ds, "preamble", None) is not None and sop_class != _MEDIA_STORAGE_DIRECTORY:
                 # every composite object has a SeriesInstanceUID: this file was cut short
-                raise DicomSeriesError(
+                message = (
                     f"{path}: DICOM file without SeriesInstanceUID (truncated or corrupt?); "
                     f"only {len(ds)} data elements could be read from its {header.file_size} bytes"
                 )
+                if unreadable is None:
+                    raise DicomSeriesError(message)
+                unreadable.append((path, message))
+                continue
             logger.debug("skipping DICOM file without SeriesInstanceUID: %s", path)
             continue
         study_uid = str(ds.get("StudyInstanceUID", "") or "")
@@ -362,7 +409,9 @@ def check_series(series: DicomSeries) -> DicomSeries:
 
     Raises:
         DicomSeriesError: naming the folder/files and the problem: multi-frame files (not
-            supported yet), colour images, missing geometry tags, truncated pixel data, mixed
+            supported yet), colour images, missing geometry tags, missing or truncated pixel
+            data, a compressed transfer syntax without its decoder plugin (see
+            `check_decodable`), mixed
             Rows/Columns, mixed ImageOrientationPatient (e.g. a localizer), mixed PixelSpacing,
             fewer than 2 slices, duplicate positions, gantry tilt, missing slices, non-uniform
             spacing.
@@ -407,12 +456,16 @@ def check_series(series: DicomSeries) -> DicomSeries:
             f"{where}: malformed geometry tags (IOP/IPP/PixelSpacing) in {_name_files(bad_len)}"
         )
 
+    no_pixels = [h for h in headers if h.pixel_data_offset is None]
+    if no_pixels:
+        raise DicomSeriesError(
+            f"{where}: no pixel data (7FE0,0010) in {_name_files(no_pixels)} "
+            "(file truncated, or a header-only object?)"
+        )
     for h in headers:
         if h.transfer_syntax not in _UNCOMPRESSED or h.transfer_syntax == "1.2.840.10008.1.2.1.99":
             continue
         expected = _expected_pixel_bytes(h)
-        if h.pixel_data_offset is None:
-            raise DicomSeriesError(f"{where}: {h.path} has no pixel data (file truncated?)")
         available = h.file_size - h.pixel_data_offset
         # the pixel data element header takes 8 (implicit VR) or 12 (explicit VR OW) bytes
         if expected is not None and available < expected + 8:
@@ -421,6 +474,8 @@ def check_series(series: DicomSeries) -> DicomSeries:
                 f"({h.rows}x{h.columns}x{h.bits_allocated // 8}), "
                 f"only {max(available - 12, 0)} are in the file"
             )
+
+    check_decodable(headers, where)
 
     sizes = _groups(headers, lambda h: (h.rows, h.columns), lambda a, b: a == b)
     if len(sizes) > 1:
@@ -533,3 +588,158 @@ def check_series(series: DicomSeries) -> DicomSeries:
         orientation=tuple(float(v) for v in iop),
         headers={h.path: h for h in headers},
     )
+
+
+def _syntax_name(uid: str | None) -> str:
+    if not uid:
+        return "unknown transfer syntax (no TransferSyntaxUID)"
+    name = pydicom.uid.UID(uid).name
+    return f"{name} ({uid})" if name != uid else uid
+
+
+def check_decodable(headers: Sequence[SliceHeader], where: str = "DICOM series") -> None:
+    """Check that compressed pixel data is complete and that pydicom's plugins decode it.
+
+    For every compressed file, the encapsulated pixel data must end with its sequence
+    delimiter (a cheap test for truncation); one file per transfer syntax is decoded in full by
+    pydicom, so that a missing plugin is reported here, naming the packages to install, rather
+    than deep inside a reader.
+
+    Raises:
+        DicomSeriesError: naming the file, its transfer syntax and what is wrong.
+    """
+    tried: set[str] = set()
+    for h in headers:
+        ts = h.transfer_syntax
+        if ts in _UNCOMPRESSED or ts is None:
+            continue
+        with open(h.path, "rb") as fp:
+            fp.seek(max(h.file_size - len(_SEQUENCE_DELIMITER), 0))
+            complete = fp.read() == _SEQUENCE_DELIMITER
+        if not complete or ts not in tried:
+            _decode_one(h, where, truncated=not complete)
+            tried.add(ts)
+
+
+def _decode_one(h: SliceHeader, where: str, truncated: bool) -> None:
+    """Decode ``h.path`` with pydicom; a DicomSeriesError says which plugin or what data is missing."""
+    name = _syntax_name(h.transfer_syntax)
+    plugins = DECODER_PLUGINS.get(str(h.transfer_syntax))
+    try:
+        ds = pydicom.dcmread(h.path)
+        ds.pixel_array  # noqa: B018 (decoding is the check)
+    except (NotImplementedError, ImportError) as err:
+        hint = f"install {plugins}" if plugins else "no pydicom plugin known to monai-sam decodes it"
+        raise DicomSeriesError(
+            f"{where}: {h.path} is compressed with {name}, which no installed pixel data plugin can "
+            f"decode: {hint} (pip install -r requirements.txt). pydicom said: {err}"
+        ) from err
+    except RuntimeError as err:
+        if "plugin" in str(err).lower() or "handler" in str(err).lower():
+            hint = f"install {plugins}" if plugins else "no pydicom plugin known to monai-sam decodes it"
+            raise DicomSeriesError(
+                f"{where}: {h.path} is compressed with {name}, which no installed pixel data plugin can "
+                f"decode: {hint}. pydicom said: {err}"
+            ) from err
+        raise DicomSeriesError(
+            f"{where}: {h.path}: compressed pixel data ({name}) cannot be decoded "
+            f"(truncated or corrupt?): {err}"
+        ) from err
+    except Exception as err:  # decoders raise anything from ValueError to their own error types
+        raise DicomSeriesError(
+            f"{where}: {h.path}: compressed pixel data ({name}) cannot be decoded "
+            f"(truncated or corrupt?): {type(err).__name__}: {err}"
+        ) from err
+    if truncated:
+        # decoders may pad a short last fragment silently: no delimiter is still an error
+        raise DicomSeriesError(
+            f"{where}: {h.path} is truncated: its compressed pixel data ({name}) does not end with the "
+            "sequence delimiter"
+        )
+
+
+def series_folder(series: DicomSeries) -> Path:
+    """The deepest folder holding every file of ``series`` (what `load_volume` is given)."""
+    if not series.files:
+        return Path(series.folder)
+    return Path(os.path.commonpath([str(Path(f).parent) for f in series.files]))
+
+
+def _axial_angle(orientation: Sequence[float] | None) -> float | None:
+    """Angle in degrees between the slice normal and the patient's z (head-feet) axis."""
+    if orientation is None or len(orientation) != 6:
+        return None
+    normal = np.cross(np.asarray(orientation[:3], float), np.asarray(orientation[3:], float))
+    norm = np.linalg.norm(normal)
+    if norm < 1e-6:
+        return None
+    return float(np.degrees(np.arccos(min(abs(normal[2]) / norm, 1.0))))
+
+
+def _rejection(
+    series: DicomSeries, modalities: Sequence[str], min_slices: int, max_oblique_degrees: float
+) -> str | None:
+    """Why ``series`` cannot be segmented as a volume by a model for ``modalities`` (None: it can)."""
+    modality = series.modality.upper()
+    if modality not in modalities:
+        return f"modality {series.modality or 'missing'} (this model reads {'/'.join(modalities)})"
+    headers = [series.headers[f] for f in series.files if f in series.headers]
+    if any(h.samples_per_pixel != 1 for h in headers):
+        spp = next(h.samples_per_pixel for h in headers if h.samples_per_pixel != 1)
+        return f"colour images (SamplesPerPixel {spp}), not a greyscale {modality} volume"
+    frames = [h for h in headers if h.number_of_frames > 1]
+    if frames:
+        return (
+            f"multi-frame file(s) ({frames[0].number_of_frames} frames in {frames[0].path.name}); "
+            "only one-file-per-slice series are read"
+        )
+    angles = [a for a in (_axial_angle(h.orientation) for h in headers) if a is not None]
+    if angles:
+        # the orientation shared by most slices decides (a mixed-in localizer is check_series' business)
+        angle = float(np.median(angles))
+        if angle > max_oblique_degrees:
+            return f"not axial: slice normal {angle:.0f} degrees from the head-feet axis (sagittal/coronal?)"
+    if series.n_slices < min_slices:
+        return f"only {series.n_slices} slice(s) (a localizer?); at least {min_slices} needed"
+    return None
+
+
+def pick_image_series(
+    found: Sequence[DicomSeries],
+    modalities: Sequence[str] = ("CT", "MR"),
+    min_slices: int = 8,
+    max_oblique_degrees: float = 30.0,
+    where: str | None = None,
+) -> DicomSeries:
+    """The one series of ``found`` (usually one study) that a model for ``modalities`` can segment.
+
+    A series is usable when its modality is one of ``modalities``, its slices are greyscale,
+    one file per slice, axial within ``max_oblique_degrees``, and there are at least
+    ``min_slices`` of them. Localizers, reports, segmentations, colour screenshots and
+    reformats are thus left aside (logged at info level).
+
+    Raises:
+        DicomSeriesError: no usable series, or several (listing them with their UIDs, so that
+            one can be chosen by SeriesInstanceUID); the message names ``where``.
+    """
+    modalities = tuple(m.upper() for m in modalities)
+    where = where or (str(found[0].folder) if found else "DICOM input")
+    if not found:
+        raise DicomSeriesError(f"{where}: no DICOM series found")
+    usable, rejected = [], []
+    for s in found:
+        why = _rejection(s, modalities, min_slices, max_oblique_degrees)
+        (rejected if why else usable).append((s, why))
+    listing = "\n".join(f"  - {s.summary()}: {why}" for s, why in rejected)
+    if not usable:
+        raise DicomSeriesError(
+            f"{where}: no series usable as a {'/'.join(modalities)} volume:\n{listing}"
+        )
+    if len(usable) > 1:
+        raise DicomSeriesError(
+            f"{where}: {len(usable)} {'/'.join(modalities)} series could be segmented; choose one by its "
+            f"SeriesInstanceUID (--series-uid):\n{_listing(s for s, _ in usable)}"
+        )
+    if rejected:
+        logger.info("%s: using %s; left aside:\n%s", where, usable[0][0].summary(), listing)
+    return usable[0][0]

@@ -1,0 +1,686 @@
+"""Segment many cases in one call: the batch behind ``monai-sam segment``.
+
+A *case* is one volume: a NIfTI file, the usable series of one DICOM study found under a
+folder tree, or a study pulled from a PACS through DICOMweb. For each case the pipeline
+loads it, gets its prompts (a prompt file, or a bundle's automatic prompter), runs
+`monai_sam.segment.segment_volume`, and writes ``<case>_seg.nii.gz`` (plus ``<case>_seg.dcm``,
+a DICOM-SEG referencing the source series, with ``dicom_seg=True``) and ``<case>_seg.json``
+(what was done, with which model, prompts and source) last.
+
+Why it is built this way:
+
+* **Resumable**: a case whose record and outputs exist is skipped, so an interrupted run
+  over an archive is simply started again.
+* **Atomic**: a case's files are written into a hidden staging folder and renamed into place
+  only once all of them (and the PACS store, if any) succeeded; a failed case leaves nothing.
+* **One failure is one case**: errors are caught per case, logged with the case and the
+  message (which names the file or study and what is wrong), listed in the summary, and the
+  exit status is non-zero; the other cases still run.
+* **Scales out**: under ``torchrun --nproc_per_node=N`` every process takes the cases
+  ``rank, rank + N, ...`` of the sorted list (``RANK`` / ``WORLD_SIZE`` from the environment)
+  and its own GPU (``LOCAL_RANK``); no process group is needed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "Case",
+    "PipelineError",
+    "SegmentationModel",
+    "discover_cases",
+    "load_bundle_model",
+    "load_checkpoint_model",
+    "rank_and_world",
+    "run_pipeline",
+    "output_stem",
+]
+
+logger = logging.getLogger(__name__)
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+RECORD_FORMAT = "monai-sam segment record v1"
+
+
+class PipelineError(RuntimeError):
+    """A problem that stops the whole run before any case (bad options, model, output folder)."""
+
+
+@dataclasses.dataclass
+class Case:
+    """One volume to segment.
+
+    Attributes:
+        name: file-name stem of its outputs (unique in the run).
+        kind: ``"nifti"``, ``"dicom"`` or ``"dicomweb"``.
+        source: what the user would recognise: the file / folder, or ``URL study UID``.
+        path: the NIfTI file or the folder holding the DICOM series (None for DICOMweb).
+        series_uid: the chosen SeriesInstanceUID (DICOM).
+        study_uid: StudyInstanceUID (DICOM, DICOMweb).
+        error: a problem found while discovering it (e.g. two usable series): the case fails
+            with this message when its turn comes, without stopping the others.
+    """
+
+    name: str
+    kind: str
+    source: str
+    path: Path | None = None
+    series_uid: str | None = None
+    study_uid: str | None = None
+    error: str | None = None
+
+
+@dataclasses.dataclass
+class SegmentationModel:
+    """What a case needs from a model: the network and how to feed it and name its output."""
+
+    network: Any  # Sam2VolumeSegmenter
+    window: str | None
+    label_names: dict[int, str]
+    name: str
+    version: str
+    checkpoint_sha256: str
+    modalities: tuple[str, ...] = ("CT", "MR")
+    auto_prompter: Callable | None = None
+    parameters: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- ranks
+
+
+def rank_and_world() -> tuple[int, int, int]:
+    """``(rank, world_size, local_rank)`` from torchrun's environment (``(0, 1, 0)`` without it)."""
+
+    def env(name: str, default: int) -> int:
+        value = os.environ.get(name, "")
+        try:
+            return int(value) if value != "" else default
+        except ValueError as err:
+            raise PipelineError(f"environment variable {name}={value!r} is not an integer") from err
+
+    world = env("WORLD_SIZE", 1)
+    rank = env("RANK", 0)
+    local = env("LOCAL_RANK", rank)
+    if world < 1 or not 0 <= rank < world:
+        raise PipelineError(f"RANK={rank} does not fit WORLD_SIZE={world}")
+    return rank, world, local
+
+
+def _device(device: str, local_rank: int) -> torch.device:
+    if str(device) != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device(f"cuda:{local_rank % torch.cuda.device_count()}")
+    return torch.device("cpu")
+
+
+# ----------------------------------------------------------------------------- discovery
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "case"
+
+
+def _is_image_file(path: Path) -> bool:
+    return path.name.lower().endswith(NIFTI_SUFFIXES)
+
+
+def discover_cases(
+    input_path: str | os.PathLike,
+    modalities: Sequence[str] = ("CT", "MR"),
+    min_slices: int = 8,
+    series_uid: str | None = None,
+) -> list[Case]:
+    """The cases under ``input_path``, sorted by name.
+
+    * a NIfTI (or NRRD/MHA) file: one case;
+    * a DICOM file: the series of its folder;
+    * a folder: every NIfTI file in it (not recursive), and every DICOM study in its tree;
+      per study, the one series a model for ``modalities`` can use (`pick_image_series`), or
+      the series ``series_uid``. A study with no usable series, or several, becomes a case
+      that fails with a message listing its series.
+
+    Unreadable DICOM files (truncated, corrupt) spoil the case whose folder holds them; one
+    lying elsewhere is reported as a case of its own that fails.
+
+    Raises:
+        FileNotFoundError: ``input_path`` does not exist.
+        PipelineError: nothing to segment was found.
+    """
+    from monai_sam.data.loading import is_dicom_path
+    from monai_sam.io.dicom_series import DicomSeriesError, find_series, pick_image_series, series_folder
+
+    root = Path(input_path).expanduser()
+    if not root.exists():
+        raise FileNotFoundError(f"input not found: {root}")
+    cases: list[Case] = []
+    if root.is_file():
+        if _is_image_file(root) or not is_dicom_path(root):
+            from monai_sam.segment import case_name
+
+            return [Case(name=case_name(root), kind="nifti", source=str(root), path=root)]
+        root = root.parent
+    else:
+        from monai_sam.segment import case_name
+
+        for f in sorted(root.iterdir()):
+            if f.is_file() and _is_image_file(f):
+                cases.append(Case(name=case_name(f), kind="nifti", source=str(f), path=f))
+
+    unreadable: list[tuple[Path, str]] = []
+    found = find_series(root, unreadable=unreadable)
+    studies: dict[str, list] = {}
+    for s in found:
+        studies.setdefault(s.study_uid, []).append(s)
+    dicom_cases: list[Case] = []
+    for study_uid, members in studies.items():
+        folder = Path(os.path.commonpath([str(series_folder(s)) for s in members]))
+        case = Case(name="", kind="dicom", source=str(folder), path=folder, study_uid=study_uid)
+        where = f"DICOM study {study_uid} in {folder}"
+        try:
+            if series_uid is not None:
+                chosen = [s for s in members if s.series_uid == series_uid]
+                if not chosen:
+                    raise DicomSeriesError(f"{where}: no series {series_uid}")
+                picked = chosen[0]
+            else:
+                picked = pick_image_series(members, modalities, min_slices, where=where)
+            case.path = series_folder(picked)
+            case.series_uid = picked.series_uid
+            case.source = f"{case.path} (series {picked.series_uid})"
+        except DicomSeriesError as err:
+            case.error = str(err)
+        dicom_cases.append(case)
+    if series_uid is not None:
+        # the other studies of the tree are not what was asked for
+        dicom_cases = [c for c in dicom_cases if c.series_uid == series_uid] or dicom_cases[:1]
+    for path, message in unreadable:
+        owner = [c for c in dicom_cases if c.path is not None and _inside(path, c.path)]
+        if owner:
+            for c in owner:
+                c.error = c.error or message
+        else:
+            dicom_cases.append(Case(name="", kind="dicom", source=str(path), path=path.parent, error=message))
+
+    # names: the series folder relative to the input folder; the study UID's hash on a clash
+    for c in dicom_cases:
+        rel = Path(c.path).relative_to(root) if c.path is not None and _inside(c.path, root) else Path()
+        c.name = _safe("_".join(rel.parts) if rel.parts else root.name)
+    _deduplicate(cases + dicom_cases)
+    cases.extend(dicom_cases)
+    if not cases:
+        raise PipelineError(f"{root}: no NIfTI file and no DICOM file found")
+    return sorted(cases, key=lambda c: c.name)
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        Path(path).resolve().relative_to(Path(folder).resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def _deduplicate(cases: list[Case]) -> None:
+    seen: dict[str, int] = {}
+    for c in cases:
+        seen[c.name] = seen.get(c.name, 0) + 1
+    for c in cases:
+        if seen[c.name] > 1:
+            key = c.study_uid or c.source
+            c.name = f"{c.name}_{hashlib.sha1(key.encode()).hexdigest()[:8]}"
+
+
+def dicomweb_cases(url: str, study_uids: Sequence[str]) -> list[Case]:
+    """One case per study UID on a DICOMweb server (fetched when its turn comes)."""
+    return [
+        Case(name=_safe(f"study_{uid}"), kind="dicomweb", source=f"{url} study {uid}", study_uid=uid)
+        for uid in dict.fromkeys(study_uids)
+    ]
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def _sha256_or(path: str | os.PathLike | None) -> str:
+    from monai_sam.io.dicom_seg import file_sha256
+
+    return file_sha256(path) if path else "random init / demo"
+
+
+def load_checkpoint_model(
+    checkpoint: str | os.PathLike | None,
+    model_size: str = "sam2.1_hiera_t",
+    image_size: int = 1024,
+    window: str | None = "auto",
+    device: str | torch.device = "cpu",
+    precision: str = "auto",
+    encoder_batch_size: int = 8,
+) -> SegmentationModel:
+    """An official SAM2 checkpoint (or random init / demo) used as is, without a bundle."""
+    from monai_sam.networks import Sam2VolumeSegmenter, build_sam2_model
+    from monai_sam.segment import _autocast_dtype
+
+    dev = torch.device(device)
+    model = build_sam2_model(model_size, checkpoint, image_size=image_size, device=dev)
+    network = Sam2VolumeSegmenter(
+        model, encoder_batch_size=encoder_batch_size, autocast_dtype=_autocast_dtype(precision, dev)
+    )
+    network.eval()
+    return SegmentationModel(
+        network=network,
+        window=window,
+        label_names={},
+        name=str(model_size),
+        version="official" if checkpoint else "random init / demo",
+        checkpoint_sha256=_sha256_or(checkpoint),
+        parameters={"image_size": str(image_size), "window": str(window)},
+    )
+
+
+def load_bundle_model(
+    bundle_dir: str | os.PathLike,
+    checkpoint: str | os.PathLike | None = None,
+    device: str | torch.device = "cpu",
+    need_auto: bool = False,
+) -> SegmentationModel:
+    """The trained network of a bundle, parsed from its configs (no ``monai.bundle run``).
+
+    Reads ``configs/train.yaml`` (if present) and ``configs/inference.yaml`` with
+    ``bundle_root`` set to ``bundle_dir``; takes ``network``, ``trainable_checkpoint`` (loaded
+    from ``trained_model``, by default ``models/model.pt``), ``image_size``, ``window``,
+    ``label_names``, and ``auto_prompter`` when present. ``checkpoint`` overrides the bundle's
+    ``checkpoint`` (the official weights of the frozen encoder the bundle was trained on).
+
+    A bundle without trained weights is an error: a user who names a bundle expects its
+    trained model, and the bundle's own inference refuses the same way.
+
+    Raises:
+        PipelineError: missing configs or keys, no trained weights, weights from another
+            encoder, or ``need_auto`` and no ``auto_prompter``; the message names the bundle.
+    """
+    import monai
+    from monai.bundle import ConfigParser
+
+    from monai_sam.engines import CheckpointMismatchError
+
+    bundle_dir = Path(bundle_dir)
+    configs = bundle_dir / "configs"
+    files = [f for f in (configs / "train.yaml", configs / "inference.yaml") if f.is_file()]
+    if not (configs / "inference.yaml").is_file():
+        raise PipelineError(f"bundle {bundle_dir}: no configs/inference.yaml (is it a MONAI bundle folder?)")
+    parser = ConfigParser()
+    parser.read_config([str(f) for f in files])
+    if (configs / "metadata.json").is_file():
+        parser.read_meta(str(configs / "metadata.json"))
+    parser["bundle_root"] = str(bundle_dir)
+    if checkpoint is not None:
+        parser["checkpoint"] = str(checkpoint)
+    parser["device"] = f"$torch.device('{torch.device(device)}')"
+    for key in ("network", "trainable_checkpoint", "image_size"):
+        if parser.get(key) is None:
+            raise PipelineError(f"bundle {bundle_dir}: its configs ({', '.join(f.name for f in files)}) define no '{key}'")
+    if need_auto and parser.get("auto_prompter") is None:
+        raise PipelineError(
+            f"bundle {bundle_dir} has no automatic mode: its inference.yaml defines no 'auto_prompter' "
+            "(use --prompts with prompt files instead)"
+        )
+    trained = Path(parser.get_parsed_content("trained_model")) if parser.get("trained_model") else None
+    trained = trained or bundle_dir / "models" / "model.pt"
+    if not trained.is_file():
+        raise PipelineError(
+            f"bundle {bundle_dir} has no trained weights at {trained}: train it first "
+            f"(python -m monai.bundle run training --config_file {configs / 'train.yaml'}) or copy its "
+            "model.pt there"
+        )
+    if parser.get("seed") is not None:
+        # the bundle's workflows seed before building: a random-init (demo) encoder is then the
+        # same one the trained parts were stamped with
+        monai.utils.set_determinism(seed=parser.get_parsed_content("seed"))
+    network = parser.get_parsed_content("network")
+    trainable = parser.get_parsed_content("trainable_checkpoint")
+    state = torch.load(trained, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "model" in state and "weights" not in state:
+        state = state["model"]
+    try:
+        trainable.load_state_dict(state)
+    except CheckpointMismatchError as err:
+        hint = "" if checkpoint else " (pass the base encoder's official weights with --checkpoint)"
+        raise PipelineError(f"bundle {bundle_dir}: {trained}: {err}{hint}") from err
+    network = network.to(torch.device(device))
+    network.eval()
+    base = parser.get_parsed_content("checkpoint") if parser.get("checkpoint") else None
+    meta = parser.get("_meta_") or {}
+    label_names = parser.get_parsed_content("label_names") if parser.get("label_names") is not None else {}
+    window = parser.get_parsed_content("window") if parser.get("window") is not None else "auto"
+    modality = (
+        meta.get("network_data_format", {}).get("inputs", {}).get("image", {}).get("modality")
+        if isinstance(meta, dict) else None
+    )
+    auto = parser.get_parsed_content("auto_prompter") if parser.get("auto_prompter") is not None else None
+    logger.info("bundle %s: trained parts from %s, frozen encoder from %s", bundle_dir, trained,
+                base or "random init / demo")
+    return SegmentationModel(
+        network=network,
+        window=window,
+        label_names={int(k): str(v) for k, v in dict(label_names).items() if int(k) != 0},
+        name=bundle_dir.resolve().name,
+        version=str(meta.get("version", "unknown")) if isinstance(meta, dict) else "unknown",
+        checkpoint_sha256=_sha256_or(trained),
+        modalities=(str(modality).upper(),) if modality else ("CT", "MR"),
+        auto_prompter=auto,
+        parameters={
+            "image_size": str(parser.get_parsed_content("image_size")),
+            "window": str(window),
+            "base_checkpoint_sha256": _sha256_or(base),
+        },
+    )
+
+
+# ----------------------------------------------------------------------------- one case
+
+
+def output_stem(case: Case, auto: bool) -> str:
+    """``<case>_seg`` for prompt files, ``<case>_seg_auto_prompts`` for a bundle's automatic prompts."""
+    return f"{case.name}_seg_auto_prompts" if auto else f"{case.name}_seg"
+
+
+def _record_path(output_dir: Path, stem: str) -> Path:
+    return output_dir / f"{stem}.json"
+
+
+def _is_done(output_dir: Path, stem: str, dicom_seg: bool) -> bool:
+    record = _record_path(output_dir, stem)
+    if not record.is_file():
+        return False
+    try:
+        data = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return False
+    outputs = [output_dir / name for name in data.get("outputs", [])]
+    wanted = {f"{stem}.nii.gz"} | ({f"{stem}.dcm"} if dicom_seg else set())
+    return (
+        data.get("format") == RECORD_FORMAT
+        and data.get("status") == "done"
+        and wanted <= set(data.get("outputs", []))
+        and all(p.is_file() for p in outputs)
+    )
+
+
+def _write_json(path: Path, data: dict) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fp:
+            json.dump(data, fp, indent=2, default=str)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _prompts_for(case: Case, prompts: Path | None, auto: bool, model: SegmentationModel, volume) -> tuple[list, str]:
+    """(objects, prompt source) for one case."""
+    from monai_sam.io.prompt_file import load_prompt_file
+    from monai_sam.prompts import PromptError
+
+    if auto:
+        objects = list(model.auto_prompter(volume))
+        if not objects:
+            raise PromptError(f"case {case.name}: the automatic prompter of {model.name} found no object")
+        return objects, "automatic"
+    assert prompts is not None
+    path = prompts / f"{case.name}.json" if prompts.is_dir() else prompts
+    if not path.is_file():
+        raise FileNotFoundError(f"case {case.name}: no prompt file {path} (a folder of prompt files holds <case>.json)")
+    return list(load_prompt_file(path, volume)), "user"
+
+
+def _segment_names(objects: Sequence, model: SegmentationModel) -> dict[int, str]:
+    names = {}
+    for obj in objects:
+        oid = int(obj.object_id)
+        names[oid] = obj.name or model.label_names.get(oid) or f"object {oid}"
+    return dict(sorted(names.items()))
+
+
+def _process(
+    case: Case,
+    model: SegmentationModel,
+    output_dir: Path,
+    staging: Path,
+    prompts: Path | None,
+    auto: bool,
+    dicom_seg: bool,
+    progress: bool,
+    dicomweb: Any | None,
+    store: bool,
+    min_slices: int,
+) -> dict:
+    """Segment one case into ``staging``; returns its record (outputs not yet moved into place)."""
+    from monai_sam.data.loading import load_volume
+    from monai_sam.io.dicom_seg import AlgorithmInfo, write_dicom_seg
+    from monai_sam.io.dicom_series import check_series, find_series, pick_image_series, select_series
+    from monai_sam.segment import segment_volume, write_label
+
+    if case.error:
+        raise ValueError(case.error)
+    stem = output_stem(case, auto)
+    path, series_uid = case.path, case.series_uid
+    if case.kind == "dicomweb":
+        path, _ = dicomweb.fetch_study(case.study_uid, staging / "download", model.modalities)
+        where = f"study {case.study_uid} from {dicomweb.url}"
+        series_uid = pick_image_series(find_series(path), model.modalities, min_slices, where=where).series_uid
+    series = None
+    if case.kind in ("dicom", "dicomweb"):
+        series = check_series(select_series(path, series_uid=series_uid))
+        if series.modality.upper() not in model.modalities:
+            raise ValueError(
+                f"{case.source}: modality {series.modality} but {model.name} segments "
+                f"{'/'.join(model.modalities)} volumes"
+            )
+    elif dicom_seg:
+        raise ValueError(f"{case.source}: --dicom-seg needs a DICOM input (a {case.kind} file has no source series)")
+    volume = load_volume(path, series_uid=series_uid)
+    objects, source = _prompts_for(case, prompts, auto, model, volume)
+    label = segment_volume(volume, objects, network=model.network, window=model.window, progress=progress)
+    names = _segment_names(objects, model)
+    outputs = [write_label(label, staging / f"{stem}.nii.gz").name]
+    seg_info: dict[str, Any] = {}
+    if dicom_seg:
+        algorithm = AlgorithmInfo(model.name, model.version, model.checkpoint_sha256, source, model.parameters)
+        ds = write_dicom_seg(label, series, staging / f"{stem}.dcm", names, algorithm)
+        outputs.append(f"{stem}.dcm")
+        seg_info = {"seg_series_uid": str(ds.SeriesInstanceUID), "seg_sop_instance_uid": str(ds.SOPInstanceUID)}
+        if case.kind == "dicomweb" and store:
+            dicomweb.store(staging / f"{stem}.dcm")
+            seg_info["stored_to"] = dicomweb.url
+    found = sorted(int(v) for v in torch.unique(label).tolist() if v != 0)
+    return {
+        "format": RECORD_FORMAT,
+        "status": "done",
+        "case": case.name,
+        "source": case.source,
+        "study_uid": case.study_uid or (series.study_uid if series else None),
+        "series_uid": series.series_uid if series else None,
+        "prompts": source,
+        "objects": {str(k): v for k, v in names.items()},
+        "present_in_output": found,
+        "model": model.name,
+        "model_version": model.version,
+        "checkpoint_sha256": model.checkpoint_sha256,
+        "outputs": outputs,
+        **seg_info,
+    }
+
+
+def _commit(staging: Path, output_dir: Path, record: dict, stem: str) -> None:
+    """Move the staged outputs into place, then write the record (the 'done' mark) last."""
+    moved: list[Path] = []
+    try:
+        for name in record["outputs"]:
+            target = output_dir / name
+            os.replace(staging / name, target)
+            moved.append(target)
+        _write_json(_record_path(output_dir, stem), record)
+    except BaseException:
+        for p in moved:
+            p.unlink(missing_ok=True)
+        raise
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def _check_writable(output_dir: Path) -> None:
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=output_dir)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise PipelineError(
+            f"cannot write to output folder {output_dir}: {err.strerror or err} (check its permissions)"
+        ) from err
+
+
+def run_pipeline(
+    cases: Sequence[Case],
+    model_factory: Callable[[], SegmentationModel],
+    output_dir: str | os.PathLike,
+    prompts: str | os.PathLike | None = None,
+    auto: bool = False,
+    dicom_seg: bool = False,
+    overwrite: bool = False,
+    dicomweb: Any | None = None,
+    store: bool = True,
+    min_slices: int = 8,
+    rank: int | None = None,
+    world_size: int | None = None,
+) -> dict:
+    """Segment this process's share of ``cases``; returns (and writes) the summary.
+
+    Args:
+        cases: all cases of the run (every process gets the same list; see module doc).
+        model_factory: builds the model, called once, and only if a case needs it (a resumed
+            run with nothing left to do loads no model).
+        output_dir: where ``<case>_seg.*``, ``<case>_seg.json`` and the summary go.
+        prompts: a prompt file (one case) or a folder of ``<case>.json``; None with ``auto``.
+        auto: prompts from the model's ``auto_prompter``; outputs are named ``*_seg_auto_prompts``.
+        dicom_seg: also write a DICOM-SEG per DICOM case.
+        overwrite: redo cases already done.
+        dicomweb: a `monai_sam.io.dicomweb.DicomWebSource` for ``"dicomweb"`` cases.
+        store: store each SEG back through DICOMweb (STOW-RS).
+        min_slices: fewest slices of a usable series (DICOMweb studies; see `discover_cases`).
+        rank, world_size: default to `rank_and_world`.
+
+    Returns:
+        The summary: counts and one entry per case of this process (status done / skipped /
+        failed, error, seconds, outputs). Written to ``summary.json`` (``summary_rank<r>.json``
+        with several processes).
+
+    Raises:
+        PipelineError: bad arguments or an unwritable output folder (before any case runs).
+    """
+    from tqdm import tqdm
+
+    if auto == (prompts is not None):
+        raise PipelineError("give either prompts (a prompt file or a folder of <case>.json) or auto, not both")
+    prompts = Path(prompts) if prompts is not None else None
+    if prompts is not None and not prompts.exists():
+        raise PipelineError(f"prompts not found: {prompts}")
+    if prompts is not None and prompts.is_file() and len(cases) > 1:
+        raise PipelineError(
+            f"{prompts} is one prompt file but the input holds {len(cases)} cases "
+            f"({', '.join(c.name for c in cases[:5])}{'...' if len(cases) > 5 else ''}); give a folder of "
+            "<case>.json prompt files instead"
+        )
+    if rank is None or world_size is None:
+        rank, world_size, _ = rank_and_world()
+    output_dir = Path(output_dir)
+    _check_writable(output_dir)
+    mine = list(cases)[rank::world_size]
+    tag = f"rank {rank}/{world_size}: " if world_size > 1 else ""
+    logger.info("%s%d case(s) of %d to segment into %s", tag, len(mine), len(cases), output_dir)
+
+    model: SegmentationModel | None = None
+    entries: list[dict] = []
+    started = time.time()
+    bar = tqdm(mine, desc=f"{tag}segment", unit="case", disable=len(mine) < 2)
+    for case in bar:
+        stem = output_stem(case, auto)
+        entry: dict[str, Any] = {"case": case.name, "source": case.source}
+        if not overwrite and _is_done(output_dir, stem, dicom_seg):
+            entry.update(status="skipped", record=str(_record_path(output_dir, stem)))
+            logger.info("%scase %s: skipped (already done: %s)", tag, case.name, _record_path(output_dir, stem))
+            entries.append(entry)
+            continue
+        t0 = time.time()
+        staging = Path(tempfile.mkdtemp(prefix=f".{stem}.staging-", dir=output_dir))
+        try:
+            if model is None:
+                try:
+                    model = model_factory()
+                except PipelineError:
+                    raise
+                except Exception as err:  # the model is shared: no case can run without it
+                    raise PipelineError(f"cannot build the model: {type(err).__name__}: {err}") from err
+            record = _process(case, model, output_dir, staging, prompts, auto, dicom_seg,
+                              progress=len(mine) == 1, dicomweb=dicomweb, store=store, min_slices=min_slices)
+            record["seconds"] = round(time.time() - t0, 2)
+            record["finished"] = datetime.datetime.now().isoformat(timespec="seconds")
+            _commit(staging, output_dir, record, stem)
+            entry.update(status="done", seconds=record["seconds"], outputs=record["outputs"],
+                         prompts=record["prompts"])
+            logger.info(
+                "%scase %s: done in %.1f s (%d object(s), %s prompts; present: %s) -> %s",
+                tag, case.name, record["seconds"], len(record["objects"]), record["prompts"],
+                record["present_in_output"], ", ".join(str(output_dir / o) for o in record["outputs"]),
+            )
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except PipelineError:
+            raise  # the model cannot be built: every case would fail the same way
+        except Exception as err:  # one case's failure must not stop the others
+            message = str(err) or type(err).__name__
+            entry.update(status="failed", error=message, error_type=type(err).__name__,
+                         seconds=round(time.time() - t0, 2))
+            logger.error("%scase %s FAILED: %s", tag, case.name, message)
+            logger.debug("case %s traceback", case.name, exc_info=True)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        entries.append(entry)
+
+    counts = {s: sum(e["status"] == s for e in entries) for s in ("done", "skipped", "failed")}
+    summary = {
+        "rank": rank,
+        "world_size": world_size,
+        "cases": entries,
+        "counts": counts,
+        "seconds": round(time.time() - started, 2),
+        "output_dir": str(output_dir),
+    }
+    name = "summary.json" if world_size == 1 else f"summary_rank{rank}.json"
+    _write_json(output_dir / name, summary)
+    logger.info(
+        "%ssummary: %d case(s): %d done, %d skipped (already done), %d failed (%s)",
+        tag, len(entries), counts["done"], counts["skipped"], counts["failed"], output_dir / name,
+    )
+    for e in entries:
+        if e["status"] == "failed":
+            logger.error("%s  failed: %s: %s", tag, e["case"], e["error"])
+    return summary
