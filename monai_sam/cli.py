@@ -165,6 +165,7 @@ def _bundle_modalities(bundle: Path | None) -> tuple[str, ...]:
 def _run_segment(args: argparse.Namespace) -> int:
     from monai_sam.pipeline import (
         PipelineError,
+        bundle_parser,
         load_bundle_model,
         load_checkpoint_model,
         rank_and_world,
@@ -172,6 +173,7 @@ def _run_segment(args: argparse.Namespace) -> int:
     )
     from monai_sam.pipeline import _device as pipeline_device
 
+    logging.getLogger("highdicom").setLevel(logging.WARNING)  # its INFO lines would drown the per-case log
     try:
         if args.auto and args.prompts is not None:
             raise PipelineError("give --prompts or --auto, not both")
@@ -192,9 +194,10 @@ def _run_segment(args: argparse.Namespace) -> int:
                     args.encoder_batch_size,
                 )
         factory = functools.cache(factory)  # built once, and only when a case needs it
-        if args.auto:
-            factory()  # fail fast when the bundle has no automatic mode
-        cases = _segment_cases(args, _bundle_modalities(args.bundle))
+        if args.bundle is not None:
+            bundle_parser(args.bundle, need_auto=args.auto)  # fail fast on a bundle that cannot serve
+        modalities = _bundle_modalities(args.bundle)
+        cases = _segment_cases(args, modalities)
         dicomweb = None
         if args.dicomweb is not None:
             from monai_sam.io.dicomweb import DicomWebSource
@@ -203,7 +206,7 @@ def _run_segment(args: argparse.Namespace) -> int:
         summary = run_pipeline(
             cases, factory, args.output, prompts=args.prompts, auto=args.auto, dicom_seg=args.dicom_seg,
             overwrite=args.overwrite, dicomweb=dicomweb, store=not args.no_store, min_slices=args.min_slices,
-            rank=rank, world_size=world,
+            modalities=modalities, rank=rank, world_size=world,
         )
     except (PipelineError, FileNotFoundError, ValueError) as err:
         logger.error("segment: %s", err)  # the message names the file, study or bundle and what is wrong

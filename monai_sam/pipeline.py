@@ -44,6 +44,7 @@ __all__ = [
     "PipelineError",
     "SegmentationModel",
     "discover_cases",
+    "bundle_parser",
     "load_bundle_model",
     "load_checkpoint_model",
     "rank_and_world",
@@ -293,6 +294,38 @@ def load_checkpoint_model(
     )
 
 
+def bundle_parser(bundle_dir: str | os.PathLike, need_auto: bool = False):
+    """A ``ConfigParser`` over the bundle's train.yaml (if any) and inference.yaml, rooted at ``bundle_dir``.
+
+    Raises:
+        PipelineError: no inference.yaml, a key the pipeline needs is missing, or ``need_auto``
+            and no ``auto_prompter`` (checked without building anything).
+    """
+    from monai.bundle import ConfigParser
+
+    bundle_dir = Path(bundle_dir)
+    configs = bundle_dir / "configs"
+    if not (configs / "inference.yaml").is_file():
+        raise PipelineError(f"bundle {bundle_dir}: no configs/inference.yaml (is it a MONAI bundle folder?)")
+    files = [f for f in (configs / "train.yaml", configs / "inference.yaml") if f.is_file()]
+    parser = ConfigParser()
+    parser.read_config([str(f) for f in files])
+    if (configs / "metadata.json").is_file():
+        parser.read_meta(str(configs / "metadata.json"))
+    parser["bundle_root"] = str(bundle_dir)
+    for key in ("network", "trainable_checkpoint", "image_size"):
+        if parser.get(key) is None:
+            raise PipelineError(
+                f"bundle {bundle_dir}: its configs ({', '.join(f.name for f in files)}) define no '{key}'"
+            )
+    if need_auto and parser.get("auto_prompter") is None:
+        raise PipelineError(
+            f"bundle {bundle_dir} has no automatic mode: its inference.yaml defines no 'auto_prompter' "
+            "(use --prompts with prompt files instead)"
+        )
+    return parser
+
+
 def load_bundle_model(
     bundle_dir: str | os.PathLike,
     checkpoint: str | os.PathLike | None = None,
@@ -315,31 +348,15 @@ def load_bundle_model(
             encoder, or ``need_auto`` and no ``auto_prompter``; the message names the bundle.
     """
     import monai
-    from monai.bundle import ConfigParser
 
     from monai_sam.engines import CheckpointMismatchError
 
     bundle_dir = Path(bundle_dir)
     configs = bundle_dir / "configs"
-    files = [f for f in (configs / "train.yaml", configs / "inference.yaml") if f.is_file()]
-    if not (configs / "inference.yaml").is_file():
-        raise PipelineError(f"bundle {bundle_dir}: no configs/inference.yaml (is it a MONAI bundle folder?)")
-    parser = ConfigParser()
-    parser.read_config([str(f) for f in files])
-    if (configs / "metadata.json").is_file():
-        parser.read_meta(str(configs / "metadata.json"))
-    parser["bundle_root"] = str(bundle_dir)
+    parser = bundle_parser(bundle_dir, need_auto=need_auto)
     if checkpoint is not None:
         parser["checkpoint"] = str(checkpoint)
     parser["device"] = f"$torch.device('{torch.device(device)}')"
-    for key in ("network", "trainable_checkpoint", "image_size"):
-        if parser.get(key) is None:
-            raise PipelineError(f"bundle {bundle_dir}: its configs ({', '.join(f.name for f in files)}) define no '{key}'")
-    if need_auto and parser.get("auto_prompter") is None:
-        raise PipelineError(
-            f"bundle {bundle_dir} has no automatic mode: its inference.yaml defines no 'auto_prompter' "
-            "(use --prompts with prompt files instead)"
-        )
     trained = Path(parser.get_parsed_content("trained_model")) if parser.get("trained_model") else None
     trained = trained or bundle_dir / "models" / "model.pt"
     if not trained.is_file():
@@ -433,7 +450,9 @@ def _write_json(path: Path, data: dict) -> None:
         raise
 
 
-def _prompts_for(case: Case, prompts: Path | None, auto: bool, model: SegmentationModel, volume) -> tuple[list, str]:
+def _prompts_for(
+    case: Case, prompts: Path | None, auto: bool, model: SegmentationModel | None, volume
+) -> tuple[list, str]:
     """(objects, prompt source) for one case."""
     from monai_sam.io.prompt_file import load_prompt_file
     from monai_sam.prompts import PromptError
@@ -460,7 +479,8 @@ def _segment_names(objects: Sequence, model: SegmentationModel) -> dict[int, str
 
 def _process(
     case: Case,
-    model: SegmentationModel,
+    get_model: Callable[[], SegmentationModel],
+    modalities: tuple[str, ...],
     output_dir: Path,
     staging: Path,
     prompts: Path | None,
@@ -471,7 +491,11 @@ def _process(
     store: bool,
     min_slices: int,
 ) -> dict:
-    """Segment one case into ``staging``; returns its record (outputs not yet moved into place)."""
+    """Segment one case into ``staging``; returns its record (outputs not yet moved into place).
+
+    The model is asked for only once the input is loaded and checked, so that bad inputs fail
+    fast, and a run whose cases all fail early never loads a model.
+    """
     from monai_sam.data.loading import load_volume
     from monai_sam.io.dicom_seg import AlgorithmInfo, write_dicom_seg
     from monai_sam.io.dicom_series import check_series, find_series, pick_image_series, select_series
@@ -482,21 +506,25 @@ def _process(
     stem = output_stem(case, auto)
     path, series_uid = case.path, case.series_uid
     if case.kind == "dicomweb":
-        path, _ = dicomweb.fetch_study(case.study_uid, staging / "download", model.modalities)
+        path, _ = dicomweb.fetch_study(case.study_uid, staging / "download", modalities)
         where = f"study {case.study_uid} from {dicomweb.url}"
-        series_uid = pick_image_series(find_series(path), model.modalities, min_slices, where=where).series_uid
+        series_uid = pick_image_series(find_series(path), modalities, min_slices, where=where).series_uid
     series = None
     if case.kind in ("dicom", "dicomweb"):
         series = check_series(select_series(path, series_uid=series_uid))
-        if series.modality.upper() not in model.modalities:
+        if series.modality.upper() not in modalities:
             raise ValueError(
-                f"{case.source}: modality {series.modality} but {model.name} segments "
-                f"{'/'.join(model.modalities)} volumes"
+                f"{case.source}: modality {series.modality or 'missing'}, but the model segments "
+                f"{'/'.join(modalities)} volumes"
             )
     elif dicom_seg:
         raise ValueError(f"{case.source}: --dicom-seg needs a DICOM input (a {case.kind} file has no source series)")
     volume = load_volume(path, series_uid=series_uid)
-    objects, source = _prompts_for(case, prompts, auto, model, volume)
+    if not auto:
+        objects, source = _prompts_for(case, prompts, auto, None, volume)
+    model = get_model()
+    if auto:
+        objects, source = _prompts_for(case, prompts, auto, model, volume)
     label = segment_volume(volume, objects, network=model.network, window=model.window, progress=progress)
     names = _segment_names(objects, model)
     outputs = [write_label(label, staging / f"{stem}.nii.gz").name]
@@ -569,6 +597,7 @@ def run_pipeline(
     dicomweb: Any | None = None,
     store: bool = True,
     min_slices: int = 8,
+    modalities: Sequence[str] = ("CT", "MR"),
     rank: int | None = None,
     world_size: int | None = None,
 ) -> dict:
@@ -586,6 +615,7 @@ def run_pipeline(
         dicomweb: a `monai_sam.io.dicomweb.DicomWebSource` for ``"dicomweb"`` cases.
         store: store each SEG back through DICOMweb (STOW-RS).
         min_slices: fewest slices of a usable series (DICOMweb studies; see `discover_cases`).
+        modalities: the image modalities the model segments (a bundle's metadata says which).
         rank, world_size: default to `rank_and_world`.
 
     Returns:
@@ -618,6 +648,19 @@ def run_pipeline(
     logger.info("%s%d case(s) of %d to segment into %s", tag, len(mine), len(cases), output_dir)
 
     model: SegmentationModel | None = None
+
+    def get_model() -> SegmentationModel:
+        nonlocal model
+        if model is None:
+            try:
+                model = model_factory()
+            except PipelineError:
+                raise
+            except Exception as err:  # the model is shared: no case can run without it
+                raise PipelineError(f"cannot build the model: {type(err).__name__}: {err}") from err
+        return model
+
+    modalities = tuple(m.upper() for m in modalities)
     entries: list[dict] = []
     started = time.time()
     bar = tqdm(mine, desc=f"{tag}segment", unit="case", disable=len(mine) < 2)
@@ -632,14 +675,7 @@ def run_pipeline(
         t0 = time.time()
         staging = Path(tempfile.mkdtemp(prefix=f".{stem}.staging-", dir=output_dir))
         try:
-            if model is None:
-                try:
-                    model = model_factory()
-                except PipelineError:
-                    raise
-                except Exception as err:  # the model is shared: no case can run without it
-                    raise PipelineError(f"cannot build the model: {type(err).__name__}: {err}") from err
-            record = _process(case, model, output_dir, staging, prompts, auto, dicom_seg,
+            record = _process(case, get_model, modalities, output_dir, staging, prompts, auto, dicom_seg,
                               progress=len(mine) == 1, dicomweb=dicomweb, store=store, min_slices=min_slices)
             record["seconds"] = round(time.time() - t0, 2)
             record["finished"] = datetime.datetime.now().isoformat(timespec="seconds")

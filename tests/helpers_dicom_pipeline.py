@@ -1,0 +1,127 @@
+"""Shared by the DICOM pipeline tests: tiny phantoms as DICOM, a tiny trained bundle, prompt files.
+
+Not a test module (no ``test_`` prefix): imported by test_segment_pipeline.py,
+test_dicom_bad_input.py and test_orthanc_roundtrip.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+CT_BUNDLE = REPO / "bundles" / "sam2_ct_abdominal_organs"
+IMAGE_SIZE = 128
+SHAPE = (48, 48, 12)  # voxels; 4.3 x 4.3 x 10 mm keeps the whole phantom abdomen
+SPACING = (4.3, 4.3, 10.0)
+LIVER = 1
+
+
+def require_servers() -> bool:
+    """CI sets MONAI_SAM_REQUIRE_SERVERS=1: a missing orthanc / dciodvfy is then a failure, not a skip."""
+    return os.environ.get("MONAI_SAM_REQUIRE_SERVERS", "") not in ("", "0")
+
+
+def need_binary(name: str, package: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        message = f"{name} not found (Debian package {package}: apt-get install -y {package})"
+        if require_servers():
+            pytest.fail(f"{message}; MONAI_SAM_REQUIRE_SERVERS is set, so this is an error")
+        pytest.skip(message)
+    return path
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    """The error lines dciodvfy (dicom3tools) prints for a file; it exits 0 either way."""
+    binary = need_binary("dciodvfy", "dicom3tools")
+    out = subprocess.run([binary, str(path)], capture_output=True, text=True, timeout=120)
+    lines = (out.stdout + out.stderr).splitlines()
+    return [line for line in lines if line.startswith("Error")]
+
+
+def base_checkpoint(path: Path) -> Path:
+    """A random-init SAM2.1 hiera-t at 128 px saved in the official format (``{"model": ...}``)."""
+    from monai_sam.networks import build_sam2_model
+
+    torch.manual_seed(0)
+    model = build_sam2_model("sam2.1_hiera_t", image_size=IMAGE_SIZE)
+    torch.save({"model": model.state_dict()}, path)
+    return path
+
+
+def tiny_bundle(root: Path, checkpoint: Path, auto_prompter: str | None = None) -> Path:
+    """The CT bundle's configs at 128 px with trained parts saved in models/model.pt.
+
+    The trained parts are the random-init decoder/memory of ``checkpoint``'s model, saved the
+    way training saves them (`TrainableCheckpoint`, stamped with the frozen encoder's identity),
+    so that loading them exercises the real path. ``auto_prompter``: a config expression added
+    to inference.yaml (the --auto contract).
+    """
+    from monai.bundle import ConfigParser
+
+    configs = root / "configs"
+    configs.mkdir(parents=True)
+    for name in ("inference.yaml", "metadata.json", "logging.conf"):
+        shutil.copy(CT_BUNDLE / "configs" / name, configs / name)
+    train = (CT_BUNDLE / "configs" / "train.yaml").read_text()
+    assert "\nimage_size: 256 " in train
+    (configs / "train.yaml").write_text(train.replace("\nimage_size: 256 ", f"\nimage_size: {IMAGE_SIZE} "))
+    if auto_prompter is not None:
+        with open(configs / "inference.yaml", "a") as fp:
+            fp.write(f"\nauto_prompter: {json.dumps(auto_prompter)}\n")
+    parser = ConfigParser()
+    parser.read_config([str(configs / "train.yaml"), str(configs / "inference.yaml")])
+    parser["bundle_root"] = str(root)
+    parser["checkpoint"] = str(checkpoint)
+    parser["device"] = "$torch.device('cpu')"
+    state = parser.get_parsed_content("trainable_checkpoint").state_dict()
+    (root / "models").mkdir()
+    torch.save(state, root / "models" / "model.pt")
+    return root
+
+
+def phantom_series(folder: Path, seed: int = 0, modality: str = "CT", **kwargs):
+    """A small abdominal phantom written as a DICOM series; returns the phantom."""
+    from monai_sam.data.phantom import make_phantom
+    from monai_sam.io.dicom import write_dicom_series
+
+    ph = make_phantom("ct", seed=seed, shape=SHAPE, spacing=SPACING)
+    write_dicom_series(ph.image, ph.affine, folder, modality=modality, **kwargs)
+    return ph
+
+
+def key_slice(label: np.ndarray, value: int = LIVER) -> int:
+    return int(np.argmax((label == value).sum(axis=(0, 1))))
+
+
+def mask_prompt_file(path: Path, phantom, value: int = LIVER, name: str = "liver") -> Path:
+    """A prompt file with one mask prompt: the object on its largest slice (RAS grid of the phantom).
+
+    With random weights SAM2 reproduces a mask prompt on its key slice, which pins the geometry
+    of everything downstream (DICOM-SEG frames included).
+    """
+    k = key_slice(phantom.label, value)
+    mask = np.zeros(phantom.label.shape, np.uint8)
+    mask[..., k] = phantom.label[..., k] == value
+    mask_path = path.with_name(path.stem + "_mask.nii.gz")
+    nib.save(nib.Nifti1Image(mask, phantom.affine), str(mask_path))
+    doc = {"version": 1, "coordinates": "voxel",
+           "objects": [{"id": value, "name": name, "slices": [{"mask": mask_path.name}]}]}
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def key_slice_iou(pred: np.ndarray, phantom, value: int = LIVER) -> float:
+    """IoU of ``value`` on the prompted key slice between a RAS prediction and the phantom."""
+    k = key_slice(phantom.label, value)
+    ref, got = phantom.label[..., k] == value, pred[..., k] == value
+    return float((ref & got).sum() / max((ref | got).sum(), 1))
