@@ -58,13 +58,12 @@ def base_checkpoint(path: Path) -> Path:
     return path
 
 
-def tiny_bundle(root: Path, checkpoint: Path, auto_prompter: str | None = None) -> Path:
+def tiny_bundle(root: Path, checkpoint: Path) -> Path:
     """The CT bundle's configs at 128 px with trained parts saved in models/model.pt.
 
     The trained parts are the random-init decoder/memory of ``checkpoint``'s model, saved the
     way training saves them (`TrainableCheckpoint`, stamped with the frozen encoder's identity),
-    so that loading them exercises the real path. ``auto_prompter``: a config expression added
-    to inference.yaml (the --auto contract).
+    so that loading them exercises the real path.
     """
     from monai.bundle import ConfigParser
 
@@ -75,9 +74,6 @@ def tiny_bundle(root: Path, checkpoint: Path, auto_prompter: str | None = None) 
     train = (CT_BUNDLE / "configs" / "train.yaml").read_text()
     assert "\nimage_size: 256 " in train
     (configs / "train.yaml").write_text(train.replace("\nimage_size: 256 ", f"\nimage_size: {IMAGE_SIZE} "))
-    if auto_prompter is not None:
-        with open(configs / "inference.yaml", "a") as fp:
-            fp.write(f"\nauto_prompter: {json.dumps(auto_prompter)}\n")
     parser = ConfigParser()
     parser.read_config([str(configs / "train.yaml"), str(configs / "inference.yaml")])
     parser["bundle_root"] = str(root)
