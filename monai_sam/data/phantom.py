@@ -776,11 +776,17 @@ def _keep_largest_component(label: np.ndarray, tissue: np.ndarray, value: int, f
     tissue[sl][drop] = fill_tissue
 
 
-def _tumor_draws(rng: np.random.Generator) -> list[dict]:
-    """Tumour parameters: a fixed number of draws whatever the grid."""
+def _tumor_draws(rng: np.random.Generator, num_tumors: int | None = None) -> list[dict]:
+    """Tumour parameters: a fixed number of draws whatever the grid.
+
+    ``num_tumors`` overrides the seed's count; the count is drawn all the same and extra
+    tumours are drawn after the usual four, so the first four tumours of a seed never change.
+    """
     count = int(rng.choice(5, p=[0.3, 0.25, 0.2, 0.15, 0.1]))
+    if num_tumors is not None:
+        count = int(num_tumors)
     tumors = []
-    for i in range(4):
+    for i in range(max(4, count)):
         diameter = float(np.exp(rng.uniform(np.log(5.0), np.log(40.0))))
         aspect = rng.uniform(0.8, 1.25, 3)
         aspect /= np.prod(aspect) ** (1 / 3)
@@ -869,10 +875,10 @@ def _place_tumors(draws: list[dict], grid: _Grid, x, y, z, label: np.ndarray, lo
 
 
 def _make_abdomen(
-    kind: str, grid: _Grid, rngs: dict[str, np.random.Generator]
+    kind: str, grid: _Grid, rngs: dict[str, np.random.Generator], num_tumors: int | None = None
 ) -> tuple[np.ndarray, np.ndarray, dict]:
     p = _abdomen_params(rngs["anatomy"])
-    tumor_draws = _tumor_draws(rngs["tumor"])
+    tumor_draws = _tumor_draws(rngs["tumor"], num_tumors)
     x, y, z = _warped_xy(grid, rngs["warp"], p["warp_mm"])
     axes = (grid.axis(0), grid.axis(1), grid.axis(2))
     tex_rng = rngs["texture"]
@@ -1187,6 +1193,7 @@ def make_phantom(
     seed: int = 0,
     shape: tuple[int, int, int] | None = None,
     spacing: tuple[float, float, float] | None = None,
+    num_tumors: int | None = None,
 ) -> Phantom:
     """Generate one deterministic synthetic volume.
 
@@ -1200,15 +1207,21 @@ def make_phantom(
         spacing: ``(x, y, z)`` voxel size in mm; default :data:`DEFAULT_SPACINGS` ``[kind]``.
             Organ sizes are in mm: the field of view is ``shape * spacing`` and a small one
             crops the anatomy. The abdomen needs ~205 x 205 x 160 mm to show every organ.
+        num_tumors: abdominal kinds only: ask for this many liver tumours (0 to 8) instead of
+            the seed's 0 to 4 (a tumour bundle wants lesions in every case). The first four
+            keep the seed's sizes and places; a tumour that finds no room in the liver is still
+            skipped, so ``info["tumors"]`` says how many were placed. None: the seed decides.
 
     Returns:
         A :class:`Phantom` (float32 image, uint8 label, RAS affine centred on world 0).
 
     Raises:
         ValueError: unknown kind, a shape that is not 3 positive integers, a spacing that is
-            not 3 positive numbers, or a negative seed.
+            not 3 positive numbers, a negative seed, or ``num_tumors`` outside 0..8 (or given
+            for the cardiac kind).
     """
     kind = _check_kind(kind)
+    num_tumors = _check_num_tumors(num_tumors, kind)
     seed = _check_seed(seed)
     shape = _check_shape(shape, kind)
     spacing = _check_spacing(spacing, kind)
@@ -1217,7 +1230,7 @@ def make_phantom(
     if kind == "cardiac-mr":
         image, label, info = _make_cardiac(grid, rngs)
     else:
-        image, label, info = _make_abdomen(kind, grid, rngs)
+        image, label, info = _make_abdomen(kind, grid, rngs, num_tumors)
     # the layout frame has +x to the patient's left; RAS+ has it to the right (see module doc)
     image, label = image[::-1], label[::-1]
     for tumor in info.get("tumors", []):
@@ -1238,6 +1251,21 @@ def make_phantom(
         kind=kind,
         info=info,
     )
+
+
+MAX_TUMORS = 8
+
+
+def _check_num_tumors(num_tumors, kind: str) -> int | None:
+    if num_tumors is None:
+        return None
+    if kind == "cardiac-mr":
+        raise ValueError("num_tumors applies to the abdominal phantoms ('ct', 'mr'), not 'cardiac-mr'")
+    if isinstance(num_tumors, bool) or not isinstance(num_tumors, int | np.integer):
+        raise ValueError(f"num_tumors must be an integer from 0 to {MAX_TUMORS} or None, got {num_tumors!r}")
+    if not 0 <= num_tumors <= MAX_TUMORS:
+        raise ValueError(f"num_tumors must be an integer from 0 to {MAX_TUMORS} or None, got {num_tumors!r}")
+    return int(num_tumors)
 
 
 def _stored_image(phantom: Phantom) -> np.ndarray:
@@ -1279,6 +1307,7 @@ def write_phantom_dataset(
     shape: tuple[int, int, int] | None = None,
     spacing: tuple[float, float, float] | None = None,
     dicom: bool = False,
+    num_tumors: int | None = None,
 ) -> Path:
     """Write a Decathlon-style dataset of phantoms.
 
@@ -1299,6 +1328,7 @@ def write_phantom_dataset(
         out_dir: the dataset folder (created if needed; existing cases are overwritten).
         seed, shape, spacing: as for :func:`make_phantom`.
         dicom: also write each image as a DICOM series (``monai_sam.io.dicom.write_dicom_series``).
+        num_tumors: liver tumours asked for in every case (see :func:`make_phantom`).
 
     Returns:
         The path of ``dataset.json``.
@@ -1314,6 +1344,7 @@ def write_phantom_dataset(
     seed = _check_seed(seed)
     shape = _check_shape(shape, kind)
     spacing = _check_spacing(spacing, kind)
+    num_tumors = _check_num_tumors(num_tumors, kind)
     out_dir = Path(out_dir)
     images_dir, labels_dir = out_dir / "imagesTr", out_dir / "labelsTr"
     images_dir.mkdir(parents=True, exist_ok=True)
@@ -1335,7 +1366,7 @@ def write_phantom_dataset(
         tmp_dir = Path(tmp)
         for i in tqdm(range(int(num_cases)), desc=f"phantoms ({kind})", unit="case"):
             case = f"{stem}_{i:03d}"
-            phantom = make_phantom(kind, seed + i, shape, spacing)
+            phantom = make_phantom(kind, seed + i, shape, spacing, num_tumors=num_tumors)
             stored = _stored_image(phantom)
             _save_nifti(stored, phantom.affine, images_dir / f"{case}.nii.gz", tmp_dir)
             _save_nifti(phantom.label, phantom.affine, labels_dir / f"{case}.nii.gz", tmp_dir)
@@ -1361,7 +1392,9 @@ def write_phantom_dataset(
             "name": stem,
             "description": (
                 f"synthetic phantom, generated by monai-sam (kind={kind}, seed={seed}, "
-                f"shape={list(shape)}, spacing={list(spacing)} mm)"
+                f"shape={list(shape)}, spacing={list(spacing)} mm"
+                + (f", num_tumors={num_tumors}" if num_tumors is not None else "")
+                + ")"
             ),
             "reference": "monai-sam: monai_sam.data.phantom",
             "licence": "CC0-1.0 (generated data)",
@@ -1390,6 +1423,7 @@ def ensure_phantom_dataset(
     seed: int = 0,
     shape: tuple[int, int, int] | None = None,
     spacing: tuple[float, float, float] | None = None,
+    num_tumors: int | None = None,
 ) -> Path:
     """``dataset_dir/dataset.json``, generating the phantom dataset first if the folder is absent.
 
@@ -1406,4 +1440,5 @@ def ensure_phantom_dataset(
             "(imagesTr/, labelsTr/, dataset.json) or at a folder that does not exist yet to generate phantoms"
         )
     logger.info("dataset_dir %s is absent: generating %d synthetic %s phantoms there", dataset_dir, num_cases, kind)
-    return write_phantom_dataset(kind, num_cases, dataset_dir, seed=seed, shape=shape, spacing=spacing)
+    return write_phantom_dataset(kind, num_cases, dataset_dir, seed=seed, shape=shape, spacing=spacing,
+                                 num_tumors=num_tumors)

@@ -36,7 +36,7 @@ from scipy import ndimage
 from scipy.spatial import ConvexHull
 from scipy.spatial.distance import pdist
 
-# module-private in metrics.py; imported rather than copied (they should be made public)
+# the CSV writer and NaN-aware mean shared with the per-class metrics
 from monai_sam.evaluation.metrics import nanmean, write_csv
 
 __all__ = [
