@@ -1,0 +1,132 @@
+"""The app's settings: ``--conf key value`` pairs of ``monailabel start_server`` over a bundle's.
+
+``--conf`` keys (all optional):
+
+============================  =============================================================
+``bundle``                    bundle folder whose weights, labels and train workflow the app
+                              uses (default: ``bundles/sam2_ct_abdominal_organs`` of this
+                              repository; ``none`` for no bundle)
+``checkpoint``                official SAM2 ``.pt``: the bundle's frozen encoder, or the whole
+                              model when the bundle has no trained ``models/model.pt``
+``model_size``, ``image_size`` override the bundle's (official weights: ``image_size 1024``)
+``window``                    intensity step: ``auto``, a CT preset (``abdomen``...), ``mr``
+``labels``                    ``liver,spleen`` or JSON ``{"liver": 1}`` (default: the bundle's)
+``device``                    ``auto`` (CUDA if present), ``cpu``, ``cuda:1``...
+``encoder_batch_size``        slices per encoder call (default 4)
+``feature_dtype``             kept encoder features: ``auto`` (bfloat16 under CUDA autocast,
+                              else float32), ``float32``, ``bfloat16``, ``float16``
+``feature_cache_gb``          RAM budget of the kept features (default 8)
+``feature_cache_images``      most images kept (default 4)
+``feature_cache_ttl_s``       drop an image's features unused this long (default 1800)
+============================  =============================================================
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from monai_sam.label.engine import LabelModelSettings
+
+__all__ = ["DEFAULT_BUNDLE", "KNOWN_KEYS", "bundle_parser", "settings_from_conf"]
+
+logger = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_BUNDLE = REPO / "bundles" / "sam2_ct_abdominal_organs"
+KNOWN_KEYS = {
+    "bundle", "checkpoint", "model_size", "image_size", "window", "labels", "device",
+    "encoder_batch_size", "feature_dtype", "feature_cache_gb", "feature_cache_images", "feature_cache_ttl_s",
+}
+# keys MONAI Label itself puts in an app's conf
+_MONAILABEL_KEYS = {"server_mode", "preload", "models", "skip_trainers", "skip_strategies", "skip_scoring"}
+
+
+def bundle_parser(bundle: Path) -> Any:
+    """A ``ConfigParser`` over the bundle's train.yaml + inference.yaml with ``bundle_root`` set."""
+    from monai.bundle import ConfigParser
+
+    configs = Path(bundle) / "configs"
+    files = [f for f in (configs / "train.yaml", configs / "inference.yaml") if f.is_file()]
+    if not (configs / "inference.yaml").is_file():
+        raise ValueError(f"bundle {bundle}: no configs/inference.yaml (is it a MONAI bundle folder?)")
+    parser = ConfigParser()
+    parser.read_config([str(f) for f in files])
+    parser["bundle_root"] = str(Path(bundle).resolve())
+    return parser
+
+
+def _parse_labels(text: str) -> dict[int, str]:
+    text = text.strip()
+    if text.startswith("{"):
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--conf labels: not valid JSON: {err}") from err
+        return {int(v): str(k) for k, v in raw.items()}
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise ValueError("--conf labels: give names (liver,spleen) or JSON {\"liver\": 1}")
+    return {i: n for i, n in enumerate(names, start=1)}
+
+
+def _number(conf: Mapping[str, str], key: str, kind: type, default: Any) -> Any:
+    if key not in conf or conf[key] in ("", None):
+        return default
+    try:
+        return kind(conf[key])
+    except ValueError as err:
+        raise ValueError(f"--conf {key} {conf[key]!r}: expected a {kind.__name__}") from err
+
+
+def settings_from_conf(conf: Mapping[str, str]) -> LabelModelSettings:
+    """`LabelModelSettings` from ``--conf`` pairs and the bundle they name (see the module docstring)."""
+    unknown = sorted(set(conf) - KNOWN_KEYS - _MONAILABEL_KEYS)
+    if unknown:
+        logger.warning("unknown --conf key(s) %s ignored; known keys: %s", unknown, sorted(KNOWN_KEYS))
+    bundle_text = str(conf.get("bundle", "")).strip()
+    bundle: Path | None
+    if bundle_text.lower() == "none":
+        bundle = None
+    elif bundle_text:
+        bundle = Path(bundle_text).expanduser().resolve()
+        if not (bundle / "configs").is_dir():
+            raise ValueError(f"--conf bundle {bundle_text}: no configs/ folder there (not a bundle)")
+    else:
+        bundle = DEFAULT_BUNDLE if (DEFAULT_BUNDLE / "configs").is_dir() else None
+
+    s = LabelModelSettings(bundle=bundle)
+    if bundle is not None:
+        p = bundle_parser(bundle)
+        for key in ("model_size", "image_size", "window", "checkpoint"):
+            if p.get(key) is not None:
+                setattr(s, key, p.get_parsed_content(key))
+        if p.get("label_names") is not None:
+            s.label_names = {int(k): str(v) for k, v in p.get_parsed_content("label_names").items()}
+        s.has_auto_prompter = p.get("auto_prompter") is not None
+
+    checkpoint = str(conf.get("checkpoint", "")).strip()
+    if checkpoint:
+        path = Path(checkpoint).expanduser()
+        if not path.is_file():
+            raise ValueError(f"--conf checkpoint {checkpoint}: file not found")
+        s.checkpoint = str(path.resolve())
+    if conf.get("model_size"):
+        s.model_size = str(conf["model_size"])
+    s.image_size = _number(conf, "image_size", int, s.image_size)
+    if conf.get("window"):
+        s.window = None if str(conf["window"]).lower() == "none" else str(conf["window"])
+    if conf.get("labels"):
+        s.label_names = _parse_labels(str(conf["labels"]))
+    s.device = str(conf.get("device") or s.device)
+    s.encoder_batch_size = _number(conf, "encoder_batch_size", int, s.encoder_batch_size)
+    s.feature_dtype = str(conf.get("feature_dtype") or s.feature_dtype)
+    s.cache_bytes = int(_number(conf, "feature_cache_gb", float, s.cache_bytes / 2**30) * 2**30)
+    s.cache_entries = _number(conf, "feature_cache_images", int, s.cache_entries)
+    s.cache_age_s = _number(conf, "feature_cache_ttl_s", float, s.cache_age_s)
+    if s.encoder_batch_size < 1:
+        raise ValueError(f"--conf encoder_batch_size must be >= 1, got {s.encoder_batch_size}")
+    return s

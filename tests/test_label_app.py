@@ -1,0 +1,526 @@
+"""The MONAI Label app: clicks -> prompts on the right voxels, feature reuse, tasks, training, server.
+
+The phantom is stored flipped in x and z (LAI, not RAS), as a file a client could send: a click
+is a voxel index of that stored array and must land on the same organ in the RAS array the
+network sees. Random weights make the masks meaningless, so the app is checked against the
+library call with the same weights and prompts (`segment_volume`) instead of against anatomy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import yaml
+from monai.data import MetaTensor
+from monai.transforms import Orientation
+
+from monai_sam.data.phantom import LIVER, SPLEEN, make_phantom
+from monai_sam.label.feature_store import VolumeFeatures, VolumeFeatureStore
+from monai_sam.label.prompting import VoxelMap, parse_request
+from monai_sam.networks import build_sam2_model
+from monai_sam.prompts import ObjectPrompts, PromptError, SlicePrompt
+from monai_sam.segment import segment_volume
+
+REPO = Path(__file__).resolve().parents[1]
+APP_DIR = REPO / "monai_sam" / "label"
+CT_BUNDLE = REPO / "bundles" / "sam2_ct_abdominal_organs"
+S = 128  # model input size
+SHAPE = (48, 48, 10)
+LABELS = {"liver": 1, "spleen": 2}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The CPU is shared: one intra-op thread avoids OpenMP spinning against other processes."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _write_lai_phantom(root: Path, name: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A CT phantom stored with x and z reversed; returns (stored label, stored affine)."""
+    ph = make_phantom("ct", seed=seed, shape=SHAPE, spacing=(4.3, 4.3, 12.0))
+    nx, _, nz = ph.label.shape
+    reindex = np.array([[-1, 0, 0, nx - 1], [0, 1, 0, 0], [0, 0, -1, nz - 1], [0, 0, 0, 1]], float)
+    affine = ph.affine @ reindex
+    image = np.ascontiguousarray(ph.image[::-1, :, ::-1]).astype(np.int16)
+    label = np.ascontiguousarray(ph.label[::-1, :, ::-1]).astype(np.uint8)
+    root.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(image, affine), str(root / f"{name}.nii.gz"))
+    return label, affine
+
+
+@pytest.fixture(scope="module")
+def studies(tmp_path_factory):
+    """Two phantom studies (LAI) in a MONAI Label folder datastore, with final labels."""
+    root = tmp_path_factory.mktemp("studies")
+    labels = {}
+    for n, seed in (("ct_a", 3), ("ct_b", 4)):
+        labels[n], affine = _write_lai_phantom(root, n, seed)
+        final = root / "labels" / "final"
+        final.mkdir(parents=True, exist_ok=True)
+        nib.save(nib.Nifti1Image(labels[n], affine), str(final / f"{n}.nii.gz"))
+    return root, labels
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """Random SAM2.1 hiera-t weights at 128 px in the official file format."""
+    torch.manual_seed(0)
+    model = build_sam2_model("sam2.1_hiera_t", image_size=S)
+    path = tmp_path_factory.mktemp("ckpt") / "sam2.1_hiera_tiny_random.pt"
+    torch.save({"model": model.state_dict()}, path)
+    return path
+
+
+def _conf(checkpoint: Path, **extra) -> dict[str, str]:
+    return {
+        "bundle": "none", "checkpoint": str(checkpoint), "image_size": str(S), "labels": "liver,spleen",
+        "window": "abdomen", "encoder_batch_size": "8", **{k: str(v) for k, v in extra.items()},
+    }
+
+
+def _organ_voxel(label: np.ndarray, organ: int, k: int | None = None) -> list[int]:
+    """A voxel well inside ``organ``: the most central one of slice ``k`` (default: its largest)."""
+    k = int(np.argmax((label == organ).sum(axis=(0, 1)))) if k is None else k
+    ii, jj = np.nonzero(label[..., k] == organ)
+    c = int(np.argmin((ii - ii.mean()) ** 2 + (jj - jj.mean()) ** 2))
+    return [int(ii[c]), int(jj[c]), k]
+
+
+def _other_slice_voxel(label: np.ndarray, organ: int, k: int) -> list[int]:
+    """An ``organ`` voxel on the slice farthest from ``k`` that shows at least 10 of its voxels."""
+    counts = (label == organ).sum(axis=(0, 1))
+    k2 = max((z for z in range(label.shape[2]) if counts[z] >= 10), key=lambda z: abs(z - k))
+    assert k2 != k
+    return _organ_voxel(label, organ, k2)
+
+
+def _library_label(image: Path, checkpoint: Path, objects: list[ObjectPrompts]) -> np.ndarray:
+    """The same segmentation through the library's one call (same weights, same prompts)."""
+    out = segment_volume(
+        image, objects, checkpoint=str(checkpoint), image_size=S, window="abdomen", device="cpu",
+        encoder_batch_size=8,
+    )
+    return out.numpy()[0].astype(np.int32)
+
+
+def _ras_prompt(click: list[int], shape=SHAPE) -> tuple[int, list[float]]:
+    """Where a stored (LAI) click is on the RAS grid, computed by hand: (slice, SAM point x=j, y=i)."""
+    i, j, k = click
+    return shape[2] - 1 - k, [float(j), float(shape[0] - 1 - i)]
+
+
+# ----------------------------------------------------------------------------- geometry
+
+
+@pytest.mark.parametrize(
+    "axes,flips", [((0, 1, 2), ()), ((0, 1, 2), (0, 2)), ((1, 0, 2), (1,)), ((2, 0, 1), (0, 1, 2))]
+)
+def test_voxel_map_follows_monai_orientation(axes, flips):
+    """Clicks map and labels come back exactly as MONAI's Orientation moves the voxels."""
+    rng = np.random.default_rng(0)
+    shape = (5, 6, 7)
+    affine = np.eye(4)
+    affine[:3, :3] = np.diag([1.5, 2.0, 3.0])[:, list(axes)]
+    for a in flips:
+        affine[:3, a] *= -1
+    stored = MetaTensor(torch.as_tensor(rng.random((1, *shape))), affine=torch.as_tensor(affine))
+    ras = Orientation(axcodes="RAS", labels=None)(stored)
+    vmap = VoxelMap.from_affines(affine, ras.affine.numpy(), shape)
+    assert vmap.ras_shape == tuple(ras.shape[1:])
+    for idx in [(0, 0, 0), (4, 5, 6), (1, 3, 2)]:
+        r = vmap.to_ras(np.array([idx]))[0].astype(int)
+        assert ras[0][tuple(r)] == stored[0][idx]
+    back = vmap.ras_to_stored_array(ras.numpy())
+    np.testing.assert_array_equal(back, stored.numpy())
+
+
+def test_resampled_images_are_refused():
+    rot = np.eye(4)
+    rot[:2, :2] = [[np.cos(0.3), -np.sin(0.3)], [np.sin(0.3), np.cos(0.3)]]
+    with pytest.raises(ValueError, match="not an axis permutation"):
+        VoxelMap.from_affines(rot, np.eye(4), (4, 4, 4), "scan.nii.gz")
+
+
+def test_a_click_on_an_organ_voxel_lands_on_that_organ(studies, checkpoint):
+    """Clicks of MONAI Label (stored voxel [x, y, z]) -> SAM points on that organ in the RAS slice."""
+    from monai_sam.label.engine import LabelModelSettings, Sam2LabelEngine
+
+    root, labels = studies
+    label = labels["ct_a"]
+    engine = Sam2LabelEngine(LabelModelSettings(checkpoint=str(checkpoint), image_size=S))
+    stored, ras = engine.load_image(root / "ct_a.nii.gz")
+    ras_label = Orientation(axcodes="RAS", labels=None)(MetaTensor(torch.as_tensor(label)[None], affine=stored.affine))[0].numpy()
+    vmap = engine._geometry(stored, ras, "ct_a").vmap
+    liver, spleen = _organ_voxel(label, LIVER), _organ_voxel(label, SPLEEN)
+    assert label[tuple(liver)] == LIVER and label[tuple(spleen)] == SPLEEN
+    # DeepEdit style: clicks per label name, a background click shared by both objects
+    background = [int(v) for v in np.argwhere(label == 0)[0]]
+    parsed = parse_request({"liver": [liver], "spleen": [spleen], "background": [background]}, vmap, LABELS)
+    assert [o.object_id for o in parsed.objects] == [LIVER, SPLEEN]
+    for obj, click, organ in ((parsed.objects[0], liver, LIVER), (parsed.objects[1], spleen, SPLEEN)):
+        positive = [(p.slice_index, pt) for p in obj.slices for pt, lab in zip(p.points, p.point_labels) if lab == 1]
+        assert len(positive) == 1
+        k, (x, y) = positive[0]
+        assert ras_label[int(y), int(x), k] == organ  # SAM point: x = column j, y = row i
+        assert (k, [x, y]) == _ras_prompt(click)
+        negatives = [pt for p in obj.slices for pt, lab in zip(p.points, p.point_labels) if lab == 0]
+        assert len(negatives) == 1 and ras_label[int(negatives[0][1]), int(negatives[0][0]), _ras_prompt(background)[0]] == 0
+    # Slicer/OHIF deepgrow style: foreground/background for the selected label
+    parsed = parse_request({"foreground": [spleen], "background": [], "label": "spleen"}, vmap, LABELS)
+    assert [(o.object_id, o.name) for o in parsed.objects] == [(SPLEEN, "spleen")]
+
+
+def test_roi_becomes_a_box_on_its_middle_slice_and_bounds_the_output(studies):
+    root, labels = studies
+    label = labels["ct_a"]
+    img = nib.load(str(root / "ct_a.nii.gz"))
+    ras_affine = img.affine @ np.array([[-1, 0, 0, SHAPE[0] - 1], [0, 1, 0, 0], [0, 0, -1, SHAPE[2] - 1], [0, 0, 0, 1]])
+    vmap = VoxelMap.from_affines(img.affine, ras_affine, SHAPE)
+    ii, jj, kk = np.nonzero(label == LIVER)
+    roi = [int(ii.min()), int(jj.min()), int(ii.max()), int(jj.max()), int(kk.min()), int(kk.max())]
+    parsed = parse_request({"roi": roi, "label": "liver"}, vmap, LABELS)
+    (obj,) = parsed.objects
+    (sp,) = obj.slices
+    ras_k = [SHAPE[2] - 1 - int(kk.max()), SHAPE[2] - 1 - int(kk.min())]
+    assert sp.slice_index == round(sum(ras_k) / 2) and sp.points is None
+    # box (x0, y0, x1, y1) = (j_min, i_min, j_max, i_max) of the RAS slice; RAS i = nx - 1 - stored i
+    assert sp.box.tolist() == [jj.min(), SHAPE[0] - 1 - ii.max(), jj.max(), SHAPE[0] - 1 - ii.min()]
+    assert parsed.bound.lo == (SHAPE[0] - 1 - ii.max(), jj.min(), ras_k[0])
+    assert parsed.bound.hi == (SHAPE[0] - 1 - ii.min(), jj.max(), ras_k[1])
+
+
+@pytest.mark.parametrize(
+    "request_,match",
+    [
+        ({"foreground": [[60, 2, 3]]}, "outside the image"),
+        ({"foreground": [[1, 2]]}, r"\[x, y, z\]"),
+        ({"foreground": [[1, 2, 3]], "label": "pancreas"}, "unknown label 'pancreas'"),
+        ({"background": [[1, 2, 3]]}, "nothing to segment"),
+        ({"roi": [1, 2, 3]}, "roi must be"),
+        ({"roi": [5, 5, 2, 9, 1, 2]}, "negative extent"),
+        ({"liver": [[4, 4, 4]], "spleen": [[5, 5, 5]], "roi": [1, 1, 9, 9, 1, 3]}, "one object"),
+    ],
+)
+def test_bad_requests_raise_errors_naming_the_image_and_the_problem(request_, match):
+    vmap = VoxelMap.from_affines(np.eye(4), np.eye(4), SHAPE)
+    with pytest.raises(PromptError, match=match) as err:
+        parse_request(request_, vmap, LABELS, where="case_7.nii.gz")
+    assert "case_7.nii.gz" in str(err.value)
+
+
+# ----------------------------------------------------------------------------- feature store
+
+
+def _entry(mb: float, slices: int = 2) -> VolumeFeatures:
+    n = int(mb * 2**20 / 4 / slices)
+    return VolumeFeatures([torch.zeros(slices, n, 1, 1)], [torch.zeros(1, 1, 1, 1)])
+
+
+def test_feature_store_evicts_by_count_size_and_age():
+    store = VolumeFeatureStore(max_bytes=int(3.5 * 2**20), max_entries=3, max_age_s=60)
+    for key in "abc":
+        store.get_or_compute(key, lambda: _entry(1.0))
+    assert len(store) == 3 and store.stats.misses == 3
+    _, hit = store.get_or_compute("a", lambda: pytest.fail("'a' is cached"))
+    assert hit and store.stats.hits == 1
+    store.get_or_compute("d", lambda: _entry(1.0))  # 4 entries > 3: the least recently used ('b') goes
+    assert "b" not in store and "a" in store and store.stats.evictions == 1
+    store.get_or_compute("e", lambda: _entry(2.0))  # bytes: 3 MB + 2 MB > 3.5 MB -> two more go
+    assert store.nbytes <= store.max_bytes and "e" in store
+    store.get_or_compute("huge", lambda: _entry(5.0))  # larger than the budget: served, not kept
+    assert "huge" not in store and store.stats.too_large == 1
+    now = time.monotonic()
+    store.expire(now + 61)  # unused for longer than max_age_s
+    assert len(store) == 0
+    assert store.info()["encoded_slices"] == 2 * 6  # six images computed, 2 slices each
+
+
+def test_feature_store_computes_an_image_once_under_concurrent_requests():
+    store = VolumeFeatureStore()
+    calls = []
+
+    def slow():
+        calls.append(1)
+        time.sleep(0.3)
+        return _entry(0.1)
+
+    with ThreadPoolExecutor(6) as pool:
+        hits = [f.result()[1] for f in [pool.submit(store.get_or_compute, "img", slow) for _ in range(6)]]
+    assert len(calls) == 1 and sorted(hits) == [False] + [True] * 5
+
+
+# ----------------------------------------------------------------------------- tasks in process
+
+
+@pytest.fixture(scope="module")
+def app(studies, checkpoint, tmp_path_factory):
+    from monai_sam.label.main import MonaiSamLabelApp
+
+    root, _ = studies
+    return MonaiSamLabelApp(str(tmp_path_factory.mktemp("app")), str(root), _conf(checkpoint))
+
+
+def _infer(app, params: dict) -> tuple[np.ndarray, dict]:
+    res = app.infer({"model": "monai_sam_interactive", "image": "ct_a", **params})
+    out = np.asarray(nib.load(res["file"]).dataobj).astype(np.int32)
+    os.unlink(res["file"])
+    return out, res["params"]
+
+
+def test_interactive_task_equals_the_library_call_and_reuses_features(app, studies, checkpoint):
+    root, labels = studies
+    label = labels["ct_a"]
+    infos = app.info()["models"]
+    assert set(infos) == {"monai_sam_interactive"}, "no automatic task without an auto_prompter"
+    assert not {"sam_2d", "sam_3d"} & set(infos)
+    liver = _organ_voxel(label, LIVER)
+    first, params = _infer(app, {"foreground": [liver], "label": "liver"})
+    assert params["feature_cache"] == "miss" and params["label_names"] == {"liver": LIVER}
+    k, point = _ras_prompt(liver)
+    expected = _library_label(root / "ct_a.nii.gz", checkpoint, [ObjectPrompts(LIVER, "liver", [SlicePrompt(k, points=[point])])])
+    np.testing.assert_array_equal(first, expected)
+    assert first.shape == SHAPE and set(np.unique(first)) <= {0, LIVER}
+    encoded = app.engine.store.stats.encoded_slices
+    assert encoded == SHAPE[2]
+
+    # a second click on another slice: one more conditioning frame, no re-encoding
+    other = _other_slice_voxel(label, LIVER, liver[2])
+    second, params = _infer(app, {"foreground": [liver, other], "background": [], "label": "liver"})
+    assert params["feature_cache"] == "hit"
+    assert sorted(params["prompts"][str(LIVER)]["conditioning_slices"]) == sorted(
+        str(_ras_prompt(c)[0]) for c in (liver, other)
+    )
+    assert app.engine.store.stats.encoded_slices == encoded and app.engine.store.stats.hits == 1
+    k2, point2 = _ras_prompt(other)
+    expected = _library_label(
+        root / "ct_a.nii.gz", checkpoint,
+        [ObjectPrompts(LIVER, "liver", [SlicePrompt(k, points=[point]), SlicePrompt(k2, points=[point2])])],
+    )
+    np.testing.assert_array_equal(second, expected)
+    cache = app.info()["models"]["monai_sam_interactive"]["feature_cache"]
+    assert cache["hits"] == 1 and cache["misses"] == 1 and cache["entries"] == 1
+
+
+def test_labels_are_saved_to_the_folder_datastore(app, studies):
+    root, labels = studies
+    res = app.infer({
+        "model": "monai_sam_interactive", "image": "ct_a", "foreground": [_organ_voxel(labels["ct_a"], SPLEEN)],
+        "label": "spleen", "save_label": True, "label_tag": "original",
+    })
+    saved = Path(app.datastore().get_label_uri(res["label"], "original"))
+    assert saved.is_file() and saved.parent == root / "labels" / "original"
+    img = nib.load(str(saved))
+    np.testing.assert_allclose(img.affine, nib.load(str(root / "ct_a.nii.gz")).affine, atol=1e-4)
+    assert set(np.unique(np.asarray(img.dataobj))) <= {0, SPLEEN}
+
+
+def test_roi_request_is_bounded_by_the_roi(app, studies):
+    _, labels = studies
+    ii, jj, kk = np.nonzero(labels["ct_a"] == LIVER)
+    roi = [int(ii.min()), int(jj.min()), int(ii.max()), int(jj.max()), int(kk.min()), int(kk.max())]
+    out, params = _infer(app, {"roi": roi, "label": "liver"})
+    assert params["feature_cache"] == "hit"
+    inside = np.zeros(SHAPE, bool)
+    inside[roi[0] : roi[2] + 1, roi[1] : roi[3] + 1, roi[4] : roi[5] + 1] = True
+    assert not out[~inside].any()
+
+
+def _bundle_copy(tmp: Path, **yaml_overrides) -> Path:
+    """The CT bundle's configs in a temp folder (its models/ and caches stay there)."""
+    dst = tmp / "bundle"
+    shutil.copytree(CT_BUNDLE / "configs", dst / "configs")
+    if yaml_overrides:
+        train = dst / "configs" / "train.yaml"
+        doc = yaml.safe_load(train.read_text())
+        doc.update(yaml_overrides)
+        train.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return dst
+
+
+def test_automatic_task_only_when_the_bundle_has_an_auto_prompter(tmp_path, studies, checkpoint):
+    from monai_sam.label.main import MonaiSamLabelApp
+
+    root, labels = studies
+    bundle = _bundle_copy(tmp_path / "plain", image_size=S)
+    plain = MonaiSamLabelApp(str(tmp_path / "app1"), str(root), {"bundle": str(bundle), "checkpoint": str(checkpoint)})
+    assert "monai_sam_auto" not in plain.info()["models"]
+    assert list(plain.info()["labels"])[:2] == ["liver", "spleen"]  # the bundle's label map
+
+    # a bundle whose inference.yaml defines auto_prompter (here: a fixed box, as a head would give)
+    bundle = _bundle_copy(tmp_path / "auto", image_size=S)
+    k, box = 4, [10.0, 12.0, 30.0, 34.0]
+    with open(bundle / "configs" / "inference.yaml", "a") as fp:
+        fp.write(
+            "\nauto_prompter: \"$lambda image: [monai_sam.prompts.ObjectPrompts(1, 'liver', "
+            f"[monai_sam.prompts.SlicePrompt({k}, box={box})])]\"\n"
+        )
+    auto = MonaiSamLabelApp(str(tmp_path / "app2"), str(root), {"bundle": str(bundle), "checkpoint": str(checkpoint)})
+    assert auto.info()["models"]["monai_sam_auto"]["type"] == "segmentation"
+    res = auto.infer({"model": "monai_sam_auto", "image": "ct_b"})
+    out = np.asarray(nib.load(res["file"]).dataobj).astype(np.int32)
+    assert res["params"]["prompt_source"] == "auto" and res["params"]["prompts"]["1"]["conditioning_slices"] == {str(k): "box"}
+    expected = _library_label(root / "ct_b.nii.gz", checkpoint, [ObjectPrompts(1, "liver", [SlicePrompt(k, box=box)])])
+    np.testing.assert_array_equal(out, expected)
+
+
+@pytest.mark.slow
+def test_train_task_runs_the_bundle_workflow_on_the_datastore_labels(tmp_path, studies, checkpoint):
+    """Final labels in the datastore -> the bundle's train workflow -> models/model.pt -> served."""
+    from monai_sam.label.main import MonaiSamLabelApp
+
+    root, _ = studies
+    bundle = _bundle_copy(tmp_path, image_size=S, num_slices=4, batch_size=2, val_interval=1)
+    app = MonaiSamLabelApp(str(tmp_path / "app"), str(root), {"bundle": str(bundle), "checkpoint": str(checkpoint)})
+    assert set(app.info()["trainers"]) == {"bundle"}
+    assert len(app.datastore().datalist()) == 2
+    app.train({"model": "bundle", "max_epochs": 1, "val_split": 0.5, "device": "cpu", "pretrained": True})
+    model_pt = bundle / "models" / "model.pt"
+    assert model_pt.is_file(), "validation saved the best model"
+    state = torch.load(model_pt, map_location="cpu", weights_only=True)["model"]
+    assert state["format"].startswith("monai-sam trainable parts") and state["weights"]
+    assert list((bundle / "models").glob("checkpoint_epoch=1.pt"))
+    # the infer task now serves the trained parts over the same frozen encoder
+    res = app.infer({"model": "monai_sam_interactive", "image": "ct_b", "foreground": [[20, 20, 5]], "label": "liver"})
+    os.unlink(res["file"])
+    assert "trained parts" in app.info()["monai_sam"]["weights"]["source"]
+    # a second round fine-tunes from that model.pt (pretrained) instead of starting over
+    before = model_pt.stat().st_mtime_ns
+    app.train({"model": "bundle", "max_epochs": 1, "val_split": 0.5, "device": "cpu", "pretrained": True})
+    assert model_pt.stat().st_mtime_ns > before
+
+
+# ----------------------------------------------------------------------------- real server
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _monailabel() -> list[str]:
+    exe = Path(sys.executable).with_name("monailabel")
+    if exe.is_file():
+        return [str(exe)]
+    found = shutil.which("monailabel")
+    return [found] if found else [sys.executable, "-m", "monailabel.main"]
+
+
+@pytest.fixture(scope="module")
+def server(studies, checkpoint, tmp_path_factory):
+    """``monailabel start_server --app monai_sam/label`` on a free loopback port; killed afterwards."""
+    root, _ = studies
+    tmp = tmp_path_factory.mktemp("server")
+    bundle = _bundle_copy(tmp, image_size=S)
+    port = _free_port()
+    conf = {**_conf(checkpoint), "bundle": str(bundle)}
+    conf.pop("labels")  # the bundle's label map
+    cmd = [*_monailabel(), "start_server", "--app", str(APP_DIR), "--studies", str(root),
+           "--host", "127.0.0.1", "--port", str(port)]
+    for k, v in conf.items():
+        cmd += ["--conf", k, v]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+        "MONAI_LABEL_DATASTORE_AUTO_RELOAD": "false",
+        "MONAI_LABEL_SESSION_PATH": str(tmp / "sessions"),
+    }
+    log = open(tmp / "server.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        import requests
+
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"server exited with {proc.returncode}:\n{(tmp / 'server.log').read_text()[-3000:]}")
+            try:
+                if requests.get(f"{url}/info/", timeout=5).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"server did not answer /info in 120 s:\n{(tmp / 'server.log').read_text()[-3000:]}")
+            time.sleep(1)
+        yield url, bundle
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=20)
+        except ProcessLookupError:
+            pass
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=20)
+        log.close()
+
+
+@pytest.mark.slow
+def test_real_server_with_monai_label_client(server, studies, checkpoint):
+    from monailabel.client import MONAILabelClient
+
+    url, _ = server
+    root, labels = studies
+    client = MONAILabelClient(url, tmpdir=str(root.parent / "client"))
+    info = client.info()
+    assert "monai_sam_interactive" in info["models"] and "monai_sam_auto" not in info["models"]
+    assert list(info["labels"])[:2] == ["liver", "spleen"]
+    assert set(info["trainers"]) == {"bundle"}
+
+    def cache() -> dict:
+        return client.info()["models"]["monai_sam_interactive"]["feature_cache"]
+
+    liver = _organ_voxel(labels["ct_a"], LIVER)
+    out_file, params = client.infer("monai_sam_interactive", "ct_a", {"foreground": [liver], "label": "liver"})
+    got = np.asarray(nib.load(out_file).dataobj).astype(np.int32)
+    k, point = _ras_prompt(liver)
+    expected = _library_label(root / "ct_a.nii.gz", checkpoint, [ObjectPrompts(LIVER, "liver", [SlicePrompt(k, points=[point])])])
+    np.testing.assert_array_equal(got, expected)
+    first = cache()
+    assert first["misses"] == 1 and first["encoded_slices"] == SHAPE[2]
+
+    # the second click on the same image is served from the kept features
+    other = _other_slice_voxel(labels["ct_a"], LIVER, liver[2])
+    _, params = client.infer("monai_sam_interactive", "ct_a", {"foreground": [liver, other], "label": "liver"})
+    assert params["feature_cache"] == "hit"
+    second = cache()
+    assert second["hits"] == first["hits"] + 1 and second["encoded_slices"] == first["encoded_slices"]
+
+    # 8 concurrent requests (two images, both organs) all succeed
+    jobs = [("ct_a" if n % 2 else "ct_b", LIVER if n % 4 < 2 else SPLEEN) for n in range(8)]
+
+    def one(job):
+        image, organ = job
+        name = "liver" if organ == LIVER else "spleen"
+        path, res = MONAILabelClient(url, tmpdir=str(root.parent / f"client_{threading.get_ident()}")).infer(
+            "monai_sam_interactive", image, {"foreground": [_organ_voxel(labels[image], organ)], "label": name}
+        )
+        arr = np.asarray(nib.load(path).dataobj)
+        return arr.shape, set(np.unique(arr).tolist()) <= {0, organ}, res["label_names"]
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(one, jobs))
+    assert all(shape == SHAPE and ok for shape, ok, _ in results)
+    final = cache()
+    assert final["misses"] == 2, "ct_b encoded once, ct_a not again"
+    assert final["hits"] == second["hits"] + 7
+    assert json.loads(json.dumps(final))["encoded_slices"] == 2 * SHAPE[2]
