@@ -1,5 +1,15 @@
-"""Inferers: memory propagation through a volume (promptable SAM2)."""
+"""Inferers: memory propagation through a volume (promptable SAM2); prompt-free slice-wise
+inference and automatic prompts from a prompt-free head."""
 
 from .memory_propagation import MemoryPropagationInferer, logits_to_label
+from .slice_inference import PromptFreeSliceInferer
+from .auto_prompt import AutoPromptd, AutoPrompter, intensity_transform
 
-__all__ = ["MemoryPropagationInferer", "logits_to_label"]
+__all__ = [
+    "MemoryPropagationInferer",
+    "logits_to_label",
+    "PromptFreeSliceInferer",
+    "AutoPrompter",
+    "AutoPromptd",
+    "intensity_transform",
+]

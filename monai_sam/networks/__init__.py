@@ -1,4 +1,5 @@
-"""SAM/SAM2 builders (official sizes and checkpoints, freezing) and the slice-memory volume network."""
+"""SAM/SAM2 builders (official sizes and checkpoints, freezing), the slice-memory volume network and
+the prompt-free heads."""
 
 from .builders import (
     MODEL_SIZES,
@@ -18,6 +19,14 @@ from .builders import (
     load_checkpoint,
     read_state_dict,
     sam2_hydra_overrides,
+)
+from .prompt_free import (
+    HEADS,
+    AutoSamHead,
+    ConvHead,
+    LinearHead,
+    PromptFreeSamSegmenter,
+    build_prompt_free_segmenter,
 )
 from .sam2_volume import (
     NO_OBJ_SCORE,
@@ -54,4 +63,10 @@ __all__ = [
     "VolumeFrames",
     "frames_from_sam_input",
     "video_predictor_logits",
+    "HEADS",
+    "AutoSamHead",
+    "ConvHead",
+    "LinearHead",
+    "PromptFreeSamSegmenter",
+    "build_prompt_free_segmenter",
 ]
