@@ -101,6 +101,8 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
                      "MONAI_SAM_DICOMWEB_TOKEN or MONAI_SAM_DICOMWEB_USER/_PASSWORD")
     src.add_argument("--study", action="append", default=[], metavar="UID",
                      help="StudyInstanceUID to pull from --dicomweb (repeat for several)")
+    src.add_argument("--dicomweb-attempts", type=int, default=3,
+                     help="tries per DICOMweb request (refused connections, HTTP 429/503/504; back-off 1, 2, 4 s...)")
     src.add_argument("--series-uid", default=None, help="segment this series (when a study holds several)")
     src.add_argument("--min-slices", type=int, default=8,
                      help="fewest slices of a usable series (localizers have fewer)")
@@ -202,7 +204,7 @@ def _run_segment(args: argparse.Namespace) -> int:
         if args.dicomweb is not None:
             from monai_sam.io.dicomweb import DicomWebSource
 
-            dicomweb = DicomWebSource.from_env(args.dicomweb)
+            dicomweb = DicomWebSource.from_env(args.dicomweb, attempts=args.dicomweb_attempts)
         summary = run_pipeline(
             cases, factory, args.output, prompts=args.prompts, auto=args.auto, dicom_seg=args.dicom_seg,
             overwrite=args.overwrite, dicomweb=dicomweb, store=not args.no_store, min_slices=args.min_slices,

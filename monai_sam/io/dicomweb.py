@@ -67,6 +67,8 @@ class DicomWebSource:
         user, password: HTTP basic authentication.
         ca_bundle: CA certificate file to verify an HTTPS server.
         timeout: seconds per HTTP request.
+        attempts: tries per request (dicomweb-client retries refused connections and HTTP
+            429/408/503/504 with exponential back-off: 1 s, 2 s, 4 s...).
     """
 
     def __init__(
@@ -77,6 +79,7 @@ class DicomWebSource:
         password: str | None = None,
         ca_bundle: str | os.PathLike | None = None,
         timeout: float = 120.0,
+        attempts: int = 3,
     ) -> None:
         from dicomweb_client.api import DICOMwebClient
 
@@ -88,9 +91,10 @@ class DicomWebSource:
         if ca_bundle is not None:
             session.verify = str(ca_bundle)
         self.client = DICOMwebClient(self.url, session=session, headers=headers)
+        self.client.set_http_retry_params(retry=attempts > 1, max_attempts=max(int(attempts), 1))
 
     @classmethod
-    def from_env(cls, url: str, timeout: float = 120.0) -> DicomWebSource:
+    def from_env(cls, url: str, timeout: float = 120.0, attempts: int = 3) -> DicomWebSource:
         """A source whose credentials come from ``MONAI_SAM_DICOMWEB_*`` environment variables."""
         env = os.environ.get
         return cls(
@@ -100,6 +104,7 @@ class DicomWebSource:
             password=env("MONAI_SAM_DICOMWEB_PASSWORD") or None,
             ca_bundle=env("MONAI_SAM_DICOMWEB_CA_BUNDLE") or None,
             timeout=timeout,
+            attempts=attempts,
         )
 
     def _fail(self, what: str, err: Exception) -> DicomWebError:
