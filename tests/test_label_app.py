@@ -393,7 +393,8 @@ def test_train_task_runs_the_bundle_workflow_on_the_datastore_labels(tmp_path, s
     app.train({"model": "bundle", "max_epochs": 1, "val_split": 0.5, "device": "cpu", "pretrained": True})
     model_pt = bundle / "models" / "model.pt"
     assert model_pt.is_file(), "validation saved the best model"
-    state = torch.load(model_pt, map_location="cpu", weights_only=True)["model"]
+    state = torch.load(model_pt, map_location="cpu", weights_only=True)
+    state = state.get("model", state)
     assert state["format"].startswith("monai-sam trainable parts") and state["weights"]
     assert list((bundle / "models").glob("checkpoint_epoch=1.pt"))
     # the infer task now serves the trained parts over the same frozen encoder
