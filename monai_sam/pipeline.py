@@ -150,7 +150,7 @@ def discover_cases(
     """The cases under ``input_path``, sorted by name.
 
     * a NIfTI (or NRRD/MHA) file: one case;
-    * a DICOM file: the series of its folder;
+    * a DICOM file: its series (the other files of its folder tree are ignored);
     * a folder: every NIfTI file in it (not recursive), and every DICOM study in its tree;
       per study, the one series a model for ``modalities`` can use (`pick_image_series`), or
       the series ``series_uid``. A study with no usable series, or several, becomes a case
@@ -175,6 +175,10 @@ def discover_cases(
             from monai_sam.segment import case_name
 
             return [Case(name=case_name(root), kind="nifti", source=str(root), path=root)]
+        if series_uid is None:  # one file of a series stands for that series
+            from monai_sam.io.dicom_series import read_header
+
+            series_uid = str(read_header(root)[0].get("SeriesInstanceUID", "")) or None
         root = root.parent
     else:
         from monai_sam.segment import case_name

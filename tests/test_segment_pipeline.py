@@ -36,6 +36,7 @@ from monai_sam.cli import main
 from monai_sam.data.loading import load_volume
 from monai_sam.io.dicom import check_series, select_series
 from monai_sam.io.dicom_seg import read_dicom_seg
+from monai_sam.pipeline import discover_cases
 
 AUTO_PROMPTER = (
     "$lambda image: [monai_sam.prompts.ObjectPrompts(1, 'liver', [monai_sam.prompts.SlicePrompt("
@@ -248,3 +249,22 @@ def test_one_prompt_file_for_many_cases_is_refused(archive, models, tmp_path, ca
                    "--prompts", str(root / "prompts" / "patient1_ct.json"), "--output", str(tmp_path / "o")])
     assert rc == 2
     assert "is one prompt file but the input holds 3 cases" in caplog.text
+
+
+def test_discovery_picks_one_series_per_study(archive):
+    root, _ = archive
+    cases = discover_cases(root / "in", modalities=("CT",))
+    assert [(c.name, c.kind) for c in cases] == [("patient1_ct", "dicom"), ("patient2_ct", "dicom"),
+                                                 ("patient3_ct", "dicom")]
+    p1 = cases[0]
+    assert p1.error is None and p1.path == root / "in" / "patient1" / "ct"  # the localizer is left aside
+    ct_uid = pydicom.dcmread(next(p1.path.iterdir()), stop_before_pixels=True).SeriesInstanceUID
+    assert p1.series_uid == ct_uid
+    # one file stands for its series, even the localizer (what was asked for explicitly is taken)
+    scout_file = next((root / "in" / "patient1" / "scout").iterdir())
+    (only,) = discover_cases(scout_file, modalities=("CT",))
+    assert only.series_uid == pydicom.dcmread(scout_file, stop_before_pixels=True).SeriesInstanceUID
+    # an MR model finds nothing it can use, and says why for each series
+    mr = discover_cases(root / "in" / "patient1", modalities=("MR",))
+    assert len(mr) == 1 and "no series usable as a MR volume" in mr[0].error
+    assert "modality CT (this model reads MR)" in mr[0].error and "localizer" in mr[0].error
