@@ -677,6 +677,10 @@ def run_pipeline(
             entries.append(entry)
             continue
         t0 = time.time()
+        for stale in output_dir.glob(f".{stem}.staging-*"):
+            # left by a run that was killed; this case belongs to this process only, so nobody uses it
+            logger.info("%scase %s: removing %s left by an interrupted run", tag, case.name, stale)
+            shutil.rmtree(stale, ignore_errors=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{stem}.staging-", dir=output_dir))
         try:
             record = _process(case, get_model, modalities, output_dir, staging, prompts, auto, dicom_seg,

@@ -145,6 +145,9 @@ def test_record_names_model_weights_and_prompts(first_run, models):
 def test_rerun_skips_done_cases_and_retries_the_failed_one(first_run, archive, models, caplog):
     _, out, _ = first_run
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("patient[12]_ct_seg.*")}
+    killed = out / ".patient3_ct_seg.staging-killed"  # as a run killed in the middle of a case leaves it
+    killed.mkdir()
+    (killed / "patient3_ct_seg.nii.gz").write_bytes(b"half a file")
     with caplog.at_level(logging.INFO, logger="monai_sam"):
         rc = _segment(archive, models, out)
     assert rc == 2
@@ -153,6 +156,7 @@ def test_rerun_skips_done_cases_and_retries_the_failed_one(first_run, archive, m
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("patient[12]_ct_seg.*")} == before
     assert "case patient1_ct: skipped (already done" in caplog.text
     assert "case patient3_ct FAILED" in caplog.text and "missing slice" in caplog.text
+    assert not killed.exists() and not list(out.glob("patient3*"))
 
 
 def test_ranks_split_the_cases(first_run, archive, models, monkeypatch):
