@@ -9,6 +9,9 @@ loaded with ``LoadImaged(reader="PILReader", reverse_indexing=False)``):
   id, its prompt on slice 0), drawn by `RandPromptFromLabeld` / `PromptFromLabeld` from the
   region's mask, plus the regions' masks ``(N, H, W)`` under ``object_masks`` (the training
   targets of `monai_sam.networks.SamImageSegmenter` / `Sam2ImageSegmenter`).
+- `LoadPhotoPromptFiled`: a user's prompt file (docs/prompt_file.md, ``"coordinates": "voxel"``)
+  for a photograph: points ``[x, y, 0]``, x the column and y the row of the picture, which are
+  the "indices of the array as stored" of a PNG/JPEG (pixel positions any viewer shows).
 - `CropAroundRegiond`: a window around one region (the optic disc), sized relative to it, so
   that the structure fills the encoder input whatever the photograph's resolution (the usual
   region-of-interest step for REFUGE). It is deterministic, so a frozen encoder's cached
@@ -17,7 +20,9 @@ loaded with ``LoadImaged(reader="PILReader", reverse_indexing=False)``):
 
 from __future__ import annotations
 
+import json
 from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,6 +38,8 @@ from monai_sam.transforms.slices import source_name
 __all__ = [
     "OBJECT_MASKS_KEY",
     "CropAroundRegiond",
+    "LoadPhotoPromptFiled",
+    "load_photo_prompt_file",
     "RandRegionPromptd",
     "RegionPromptd",
     "label_map_2d",
@@ -360,4 +367,61 @@ class CropAroundRegiond(InvertibleTransform, MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             d[key] = self.cropper.inverse(d[key])
+        return d
+
+
+def photo_geometry(height: int, width: int):
+    """Prompt-file geometry of an ``(H, W)`` photograph: stored voxel ``(x, y, 0)`` -> ``(row, column)``."""
+    from monai_sam.io.prompt_file import ImageGeometry
+
+    swap = np.array([[0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], dtype=np.float64)
+    return ImageGeometry((int(height), int(width), 1), affine=np.eye(4), original_affine=swap)
+
+
+def load_photo_prompt_file(path, height: int, width: int) -> list[ObjectPrompts]:
+    """Prompts of a photograph ``(H, W)`` from a prompt file with ``"coordinates": "voxel"``.
+
+    Coordinates are ``[x, y, 0]``: x the column, y the row of the picture (0-based pixels, as an
+    image viewer shows them). Errors name the file and the object (`PromptFileError`).
+    """
+    from monai_sam.io.prompt_file import PromptFileError, load_prompt_file
+
+    coords = None
+    try:
+        coords = json.loads(Path(path).read_text(encoding="utf-8")).get("coordinates")
+    except (OSError, ValueError, AttributeError):
+        pass  # load_prompt_file reports a missing or malformed file precisely
+    if coords == "world":
+        raise PromptFileError(
+            f'{path}: a photograph has no world coordinates; use "coordinates": "voxel" '
+            "with points [x, y, 0] (column, row)"
+        )
+    return load_prompt_file(path, photo_geometry(height, width))
+
+
+class LoadPhotoPromptFiled(MapTransform):
+    """Read each photograph's prompt file (``data[path_key]``) into ``list[ObjectPrompts]``.
+
+    Runs after loading (rows vertical, ``reverse_indexing=False``) and before any crop or resize;
+    see `load_photo_prompt_file` for the coordinates.
+    """
+
+    def __init__(
+        self,
+        path_key: str = "prompt_file",
+        image_key: str = "image",
+        prompt_key: str = "prompts",
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(path_key, allow_missing_keys)
+        self.path_key, self.image_key, self.prompt_key = path_key, image_key, prompt_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        if self.path_key not in d:
+            if self.allow_missing_keys:
+                return d
+            raise KeyError(f"no prompt file under {self.path_key!r} for {source_name(d, self.image_key)}")
+        h, w = (int(v) for v in d[self.image_key].shape[-2:])
+        d[self.prompt_key] = load_photo_prompt_file(d[self.path_key], h, w)
         return d
