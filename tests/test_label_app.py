@@ -525,3 +525,118 @@ def test_real_server_with_monai_label_client(server, studies, checkpoint):
     assert final["misses"] == 2, "ct_b encoded once, ct_a not again"
     assert final["hits"] == second["hits"] + 7
     assert json.loads(json.dumps(final))["encoded_slices"] == 2 * SHAPE[2]
+
+
+# ----------------------------------------------------------------------------- DICOMweb (Orthanc)
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory):
+    """An Orthanc with the DICOMweb plugin on a free loopback port (own config); stopped afterwards."""
+    import requests
+    from helpers_dicom_pipeline import need_binary, require_servers
+
+    binary = need_binary("Orthanc", "orthanc")
+    plugin = next((p for p in ("/usr/share/orthanc/plugins/libOrthancDicomWeb.so",
+                               "/usr/lib/orthanc/plugins/libOrthancDicomWeb.so") if Path(p).is_file()), None)
+    if plugin is None:
+        message = "the Orthanc DICOMweb plugin is missing (Debian package orthanc-dicomweb)"
+        if require_servers():
+            pytest.fail(message + "; MONAI_SAM_REQUIRE_SERVERS is set, so this is an error")
+        pytest.skip(message)
+    root = tmp_path_factory.mktemp("orthanc")
+    port = _free_port()
+    config = {
+        "Name": "MONAI_SAM_LABEL_TEST", "StorageDirectory": str(root / "db"), "IndexDirectory": str(root / "db"),
+        "HttpPort": port, "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
+        "DicomServerEnabled": False, "DicomPort": _free_port(), "Plugins": [plugin],
+        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}, "SaveJobs": False,
+    }
+    (root / "orthanc.json").write_text(json.dumps(config))
+    log = open(root / "orthanc.log", "w")
+    proc = subprocess.Popen([binary, str(root / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT, cwd=root)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"Orthanc exited with {proc.returncode}:\n{(root / 'orthanc.log').read_text()[-3000:]}")
+            try:
+                if requests.get(f"{base}/dicom-web/studies", timeout=2).ok:
+                    break
+            except requests.ConnectionError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"Orthanc did not answer on {base} within 60 s")
+            time.sleep(0.3)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+@pytest.mark.slow
+def test_dicomweb_studies_are_segmented_and_final_labels_go_back_as_dicom_seg(
+    orthanc, checkpoint, tmp_path, monkeypatch
+):
+    import pydicom
+    import requests
+    from helpers_dicom_pipeline import phantom_series
+    from monailabel.config import settings
+
+    from monai_sam.data.loading import load_volume
+    from monai_sam.io.dicom import check_series, select_series
+    from monai_sam.io.dicom_seg import read_dicom_seg
+    from monai_sam.label.dicomweb import SegDICOMWebDatastore
+    from monai_sam.label.main import MonaiSamLabelApp
+
+    ph = phantom_series(tmp_path / "ct", seed=5)
+    for f in sorted((tmp_path / "ct").iterdir()):
+        assert requests.post(f"{orthanc}/instances", data=f.read_bytes(), timeout=30).ok
+    first = pydicom.dcmread(next((tmp_path / "ct").iterdir()), stop_before_pixels=True)
+    study_uid, series_uid = str(first.StudyInstanceUID), str(first.SeriesInstanceUID)
+    monkeypatch.setattr(settings, "MONAI_LABEL_DICOMWEB_CACHE_PATH", str(tmp_path / "cache"))
+
+    app = MonaiSamLabelApp(str(tmp_path / "app"), f"{orthanc}/dicom-web", _conf(checkpoint))
+    store = app.datastore()
+    assert isinstance(store, SegDICOMWebDatastore) and store.list_images() == [series_uid]
+    assert not (tmp_path / "app" / "bin").exists(), "no dcmqi download"
+
+    # the series as MONAI Label serves it (WADO-RS, converted to NIfTI): click on its liver
+    nifti = nib.load(store.get_image_uri(series_uid))
+    vmap = VoxelMap.from_affines(nifti.affine, ph.affine, nifti.shape)
+    liver = vmap.ras_to_stored_array((ph.label == LIVER).astype(np.uint8))
+    res = app.infer({"model": "monai_sam_interactive", "image": series_uid,
+                     "foreground": [_organ_voxel(liver, 1)], "label": "liver"})
+    out = nib.load(res["file"])
+    assert out.shape == nifti.shape and np.allclose(out.affine, nifti.affine, atol=1e-4)
+    assert res["params"]["prompts"][str(LIVER)]["name"] == "liver"
+
+    # the annotator submits the final label: a SEG of the series lands in Orthanc
+    final = tmp_path / "final.nii.gz"
+    nib.save(nib.Nifti1Image(liver, nifti.affine), str(final))
+    store.save_label(series_uid, str(final), "final", {})
+    found = requests.post(f"{orthanc}/tools/find", json={"Level": "Series", "Expand": True,
+                                                          "Query": {"StudyInstanceUID": study_uid}}, timeout=30).json()
+    segs = [s["ID"] for s in found if s["MainDicomTags"].get("Modality") == "SEG"]
+    assert len(segs) == 1
+    (instance,) = requests.get(f"{orthanc}/series/{segs[0]}/instances", timeout=30).json()
+    seg_file = tmp_path / "seg.dcm"
+    seg_file.write_bytes(requests.get(f"{orthanc}/instances/{instance['ID']}/file", timeout=30).content)
+    seg = pydicom.dcmread(seg_file)
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == series_uid
+    back, names = read_dicom_seg(seg_file, check_series(select_series(tmp_path / "ct")), load_volume(tmp_path / "ct"))
+    assert names == {1: "liver"}
+    np.testing.assert_array_equal(back[0].numpy() > 0, ph.label == LIVER)
+    # training reads it back the way MONAI Label does (SEG from the server -> NIfTI)
+    (item,) = store.datalist()
+    trained_on = nib.load(item["label"])
+    on_grid = VoxelMap.from_affines(trained_on.affine, nifti.affine, trained_on.shape)
+    np.testing.assert_array_equal(
+        on_grid.ras_to_stored_array(liver) > 0, np.asarray(trained_on.dataobj) > 0
+    )

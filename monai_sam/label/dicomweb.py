@@ -55,8 +55,10 @@ class SegDICOMWebDatastore(DICOMWebDatastore):
         series = select_series(image_dir, series_uid=image_id)
         label = LoadImage(image_only=True, ensure_channel_first=True)(label_filename)
         values = sorted(int(v) for v in np.unique(np.asarray(label)) if int(v) != 0)
-        names = {**{v: f"label_{v}" for v in values}, **self.label_names}
-        names = {v: names[v] for v in sorted(set(values) | set(self.label_names))}
+        # one segment per label present (an empty label still needs its segments named)
+        names = {v: self.label_names.get(v, f"label_{v}") for v in values} or dict(self.label_names)
+        if not names:
+            raise ValueError(f"label {label_filename} for series {image_id} is empty and the app has no label names")
         fd, path = tempfile.mkstemp(suffix=".dcm", prefix="monai_sam_seg_")
         os.close(fd)
         write_dicom_seg(label, series, path, names, self.algorithm)
