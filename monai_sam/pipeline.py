@@ -219,8 +219,10 @@ def discover_cases(
         if owner:
             for c in owner:
                 c.error = c.error or message
-        else:
+        elif series_uid is None:
             dicom_cases.append(Case(name="", kind="dicom", source=str(path), path=path.parent, error=message))
+        else:  # not part of the one series asked for
+            logger.warning("ignoring an unreadable file outside series %s: %s", series_uid, message)
 
     # names: the series folder relative to the input folder; the study UID's hash on a clash
     for c in dicom_cases:
@@ -393,7 +395,8 @@ def load_bundle_model(
         meta.get("network_data_format", {}).get("inputs", {}).get("image", {}).get("modality")
         if isinstance(meta, dict) else None
     )
-    auto = parser.get_parsed_content("auto_prompter") if parser.get("auto_prompter") is not None else None
+    # built only when asked for: an automatic prompter has its own network and weights
+    auto = parser.get_parsed_content("auto_prompter") if need_auto else None
     logger.info("bundle %s: trained parts from %s, frozen encoder from %s", bundle_dir, trained,
                 base or "random init / demo")
     return SegmentationModel(

@@ -71,9 +71,11 @@ def tiny_bundle(root: Path, checkpoint: Path) -> Path:
     configs.mkdir(parents=True)
     for name in ("inference.yaml", "metadata.json", "logging.conf"):
         shutil.copy(CT_BUNDLE / "configs" / name, configs / name)
-    train = (CT_BUNDLE / "configs" / "train.yaml").read_text()
-    assert "\nimage_size: 256 " in train
-    (configs / "train.yaml").write_text(train.replace("\nimage_size: 256 ", f"\nimage_size: {IMAGE_SIZE} "))
+    import yaml
+
+    train = yaml.safe_load((CT_BUNDLE / "configs" / "train.yaml").read_text())
+    train["image_size"] = IMAGE_SIZE
+    (configs / "train.yaml").write_text(yaml.safe_dump(train, sort_keys=False))
     parser = ConfigParser()
     parser.read_config([str(configs / "train.yaml"), str(configs / "inference.yaml")])
     parser["bundle_root"] = str(root)
@@ -83,6 +85,18 @@ def tiny_bundle(root: Path, checkpoint: Path) -> Path:
     (root / "models").mkdir()
     torch.save(state, root / "models" / "model.pt")
     return root
+
+
+def set_auto_prompter(bundle: Path, expression: str | None) -> None:
+    """Give the bundle's inference.yaml this ``auto_prompter`` (None: remove the key)."""
+    import yaml
+
+    path = bundle / "configs" / "inference.yaml"
+    config = yaml.safe_load(path.read_text())
+    config.pop("auto_prompter", None)
+    if expression is not None:
+        config["auto_prompter"] = expression
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
 
 
 def phantom_series(folder: Path, seed: int = 0, modality: str = "CT", **kwargs):

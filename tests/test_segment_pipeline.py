@@ -29,6 +29,7 @@ from helpers_dicom_pipeline import (
     key_slice_iou,
     mask_prompt_file,
     phantom_series,
+    set_auto_prompter,
     tiny_bundle,
 )
 
@@ -200,10 +201,9 @@ def test_auto_prompts_are_marked_as_automatic(archive, models, tmp_path):
 
     root, phantoms = archive
     ckpt, trained = models
-    bundle = tmp_path / "auto_bundle"  # the same trained parts; inference.yaml gains an auto_prompter
+    bundle = tmp_path / "auto_bundle"  # the same trained parts; inference.yaml gets our auto_prompter
     shutil.copytree(trained, bundle)
-    with open(bundle / "configs" / "inference.yaml", "a") as fp:
-        fp.write(f"\nauto_prompter: {json.dumps(AUTO_PROMPTER)}\n")
+    set_auto_prompter(bundle, AUTO_PROMPTER)
     out = tmp_path / "out"
     rc = main(["segment", "--input", str(root / "in" / "patient2" / "ct"), "--bundle", str(bundle),
                "--checkpoint", str(ckpt), "--auto", "--output", str(out), "--dicom-seg", "--device", "cpu"])
@@ -220,8 +220,12 @@ def test_auto_prompts_are_marked_as_automatic(archive, models, tmp_path):
 
 
 def test_auto_needs_a_bundle_with_an_auto_prompter(archive, models, tmp_path, caplog):
+    import shutil
+
     root, _ = archive
-    _, bundle = models
+    bundle = tmp_path / "no_auto"
+    shutil.copytree(models[1] / "configs", bundle / "configs")
+    set_auto_prompter(bundle, None)
     with caplog.at_level(logging.ERROR, logger="monai_sam"):
         rc = main(["segment", "--input", str(root / "in"), "--bundle", str(bundle), "--auto",
                    "--output", str(tmp_path / "out"), "--device", "cpu"])
