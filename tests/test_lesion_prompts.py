@@ -123,8 +123,8 @@ def test_phantom_can_be_asked_for_a_number_of_tumours(phantom_three_lesions):
 def test_per_lesion_prompts_on_a_phantom_with_three_lesions_give_three_objects(phantom_three_lesions):
     _, label = phantom_three_lesions
     d = LesionInstancesd(keys="label", lesion_label=TUMOR)({"label": label})
-    oracle = LesionPromptsd(label_key="label", key_slices="largest", mode_probs={"box": 1.0}, deterministic=True,
-                            label_names={1: "liver"}, lesion_name="liver_tumor")
+    oracle = LesionPromptsd(label_key="label", key_slices="largest", mode_probs={"box": 1.0},
+                            deterministic=True, label_names={1: "liver"}, lesion_name="liver_tumor")
     prompts = oracle(d)["prompts"]
     objects = d["label"][0].numpy()
     assert [p.object_id for p in prompts] == [1, 100, 101, 102]
@@ -167,7 +167,8 @@ class _MaskEcho(torch.nn.Module):
 def test_evaluator_hands_class_maps_to_the_metrics_and_keeps_the_object_map(phantom_three_lesions):
     _, label = phantom_three_lesions
     d = LesionInstancesd(keys="label", lesion_label=TUMOR)({"label": label})
-    d = LesionPromptsd(label_key="label", key_slices="largest", mode_probs={"mask": 1.0}, deterministic=True)(d)
+    d = LesionPromptsd(label_key="label", key_slices="largest", mode_probs={"mask": 1.0},
+                       deterministic=True)(d)
     t = label.shape[-1]
     item = {"image": torch.zeros(3, 16, 16, t), "label": d["label"], "prompts": d["prompts"]}
     ev = LesionVolumeEvaluator("cpu", [[item]], _MaskEcho(), num_classes=3, lesion_label=TUMOR,
@@ -213,7 +214,8 @@ def test_lesion_metrics_writer_writes_per_lesion_per_case_and_summary_tables(tmp
     assert got == [("case_a", "10-20 mm", "True", "oracle"), ("case_a", "<10 mm", "False", "oracle"),
                    ("case_b", ">20 mm", "True", "oracle")]
     assert float(lesions[0]["lesion_dice"]) == pytest.approx(2 * 90 / (108 + 90))
-    assert float(lesions[0]["diameter_mm"]) == pytest.approx(math.hypot(12, 12), rel=1e-5)  # 6 digits in the CSV
+    # the CSV keeps 6 significant digits
+    assert float(lesions[0]["diameter_mm"]) == pytest.approx(math.hypot(12, 12), rel=1e-5)
     cases = list(csv.DictReader((tmp_path / "eval" / "lesion_cases.csv").open()))
     assert [(r["case"], r["tp"], r["fn"], r["fp"]) for r in cases] == [("case_a", "1", "1", "1"),
                                                                        ("case_b", "1", "0", "0")]

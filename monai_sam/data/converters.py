@@ -34,10 +34,12 @@ __all__ = [
     "ACDC_LABELS",
     "BTCV_LABELS",
     "CONVERTERS",
+    "LITS_LABELS",
     "LayoutError",
     "REFUGE_LABELS",
     "convert_acdc",
     "convert_btcv",
+    "convert_lits",
     "convert_msd",
     "convert_refuge",
     "refuge_grey_to_labels",
@@ -67,6 +69,10 @@ ACDC_LABELS: dict[int, str] = {0: "background", 1: "right_ventricle", 2: "myocar
 #: REFUGE labels as written by :func:`convert_refuge`: disjoint classes; the optic disc of the
 #: REFUGE evaluation is labels {1, 2}, the optic cup is label 2.
 REFUGE_LABELS: dict[int, str] = {0: "background", 1: "optic_disc_rim", 2: "optic_cup"}
+
+#: LiTS (Liver Tumor Segmentation challenge) label ids, as in its ``segmentation-N.nii`` files;
+#: the same classes as MSD Task03_Liver (which is LiTS) after :func:`convert_msd`.
+LITS_LABELS: dict[int, str] = {0: "background", 1: "liver", 2: "liver_tumor"}
 
 #: MSD tasks whose label names we normalise beyond snake_case (folder name pattern -> labels).
 _MSD_LABEL_OVERRIDES: dict[str, dict[int, str]] = {
@@ -476,6 +482,101 @@ def convert_msd(
         content["release"] = meta["release"]
     path = _write_dataset_json(out, content)
     logger.info("MSD %s: %d training, %d test case(s) -> %s", task.name, len(training), len(test), path)
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# LiTS (Liver Tumor Segmentation challenge)
+# --------------------------------------------------------------------------------------------
+
+_LITS_IMAGE = re.compile(r"^volume-(?P<id>\d+)\.nii(\.gz)?$", re.IGNORECASE)
+_LITS_LABEL = re.compile(r"^segmentation-(?P<id>\d+)\.nii(\.gz)?$", re.IGNORECASE)
+_LITS_TEST = re.compile(r"^test-volume-(?P<id>\d+)\.nii(\.gz)?$", re.IGNORECASE)
+
+
+def _lits_index(src: Path, pattern: re.Pattern[str], what: str) -> dict[int, Path]:
+    """Files matching ``pattern`` anywhere under ``src`` (the batches are sub-folders), by case id."""
+    found: dict[int, Path] = {}
+    for p in sorted(src.rglob("*")):
+        if _is_junk(p.name) or any(_is_junk(part) for part in p.relative_to(src).parts) or not p.is_file():
+            continue
+        m = pattern.match(p.name)
+        if not m:
+            continue
+        case_id = int(m.group("id"))
+        if case_id in found:
+            raise ValueError(f"LiTS: {what} {case_id} found twice under {src}: {found[case_id]} and {p}")
+        found[case_id] = p
+    return found
+
+
+def convert_lits(src_dir: str | Path, out_dir: str | Path, *, link: bool = True) -> Path:
+    """Convert LiTS (liver and liver tumours in CT) to a Decathlon-style folder.
+
+    Expected input, as distributed (the training batches may be sub-folders, at any depth)::
+
+        Training Batch 1/volume-0.nii  Training Batch 1/segmentation-0.nii   ... (.nii or .nii.gz)
+        Training Batch 2/volume-28.nii Training Batch 2/segmentation-28.nii  ...
+        Test-Data/test-volume-0.nii                                          (optional, no labels)
+
+    Case ``volume-7`` becomes ``imagesTr/lits_007.nii`` + ``labelsTr/lits_007.nii``
+    (``imagesTs/lits_test_007.nii`` for test volumes); label ids are kept (:data:`LITS_LABELS`:
+    1 liver, 2 liver_tumor, as MSD Task03_Liver). macOS ``._*`` files are skipped.
+
+    Args:
+        src_dir: the downloaded dataset folder (not modified).
+        out_dir: where the Decathlon-style folder is written.
+        link: symlink the NIfTI files (True) or copy them.
+
+    Returns:
+        the path of the written ``dataset.json``.
+
+    Raises:
+        LayoutError: no ``volume-N.nii`` under ``src_dir``.
+        ValueError: a volume without its segmentation (or the reverse), or a case id twice.
+    """
+    src, out = _prepare(src_dir, out_dir)
+    images = _lits_index(src, _LITS_IMAGE, "volume")
+    labels = _lits_index(src, _LITS_LABEL, "segmentation")
+    if not images:
+        raise LayoutError(
+            f"{src} is not a LiTS folder: no volume-<N>.nii(.gz) found in it or its sub-folders "
+            "(expected 'Training Batch 1/volume-0.nii' + 'segmentation-0.nii')"
+        )
+    if set(images) != set(labels):
+        raise _unpaired_error(
+            "LiTS", src,
+            [images[i].name for i in set(images) - set(labels)],
+            [labels[i].name for i in set(labels) - set(images)],
+        )
+    training = []
+    for case_id in sorted(images):
+        ext = _nifti_split(images[case_id].name)[1].lower()  # type: ignore[index]
+        lext = _nifti_split(labels[case_id].name)[1].lower()  # type: ignore[index]
+        name = f"lits_{case_id:03d}"
+        _place(images[case_id], out / "imagesTr" / f"{name}{ext}", link)
+        _place(labels[case_id], out / "labelsTr" / f"{name}{lext}", link)
+        training.append({"image": f"./imagesTr/{name}{ext}", "label": f"./labelsTr/{name}{lext}"})
+    test = []
+    for case_id, path in sorted(_lits_index(src, _LITS_TEST, "test volume").items()):
+        ext = _nifti_split(path.name)[1].lower()  # type: ignore[index]
+        _place(path, out / "imagesTs" / f"lits_test_{case_id:03d}{ext}", link)
+        test.append(f"./imagesTs/lits_test_{case_id:03d}{ext}")
+    content = _dataset_json(
+        name="LiTS",
+        description="Liver Tumor Segmentation challenge: abdominal CT, liver and liver tumours",
+        reference="https://competitions.codalab.org/competitions/17094",
+        licence="CC BY-NC-SA 4.0 (see the LiTS terms of use)",
+        tensor_image_size="3D",
+        modality={"0": "CT"},
+        labels=LITS_LABELS,
+        training=training,
+        test=test,
+        source=src,
+        converter="convert_lits",
+    )
+    path = _write_dataset_json(out, content)
+    logger.info("LiTS: %d training, %d test case(s) -> %s", len(training), len(test), path)
     return path
 
 
