@@ -28,6 +28,13 @@ from .prompt_free import (
     PromptFreeSamSegmenter,
     build_prompt_free_segmenter,
 )
+from .sam_image import (
+    Sam2ImageSegmenter,
+    SamImageSegmenter,
+    build_image_model,
+    build_image_segmenter,
+    frames_from_image,
+)
 from .sam2_volume import (
     NO_OBJ_SCORE,
     FrameSource,
@@ -69,4 +76,9 @@ __all__ = [
     "LinearHead",
     "PromptFreeSamSegmenter",
     "build_prompt_free_segmenter",
+    "Sam2ImageSegmenter",
+    "SamImageSegmenter",
+    "build_image_model",
+    "build_image_segmenter",
+    "frames_from_image",
 ]

@@ -10,10 +10,22 @@ from .lesions import (
     merge_lesions,
 )
 from .prompts import PROMPT_MODES, LoadPromptFiled, PromptFromLabeld, RandPromptFromLabeld, box_from_mask, clicks_from_mask
+from .regions import (
+    CropAroundRegiond,
+    LoadPhotoPromptFiled,
+    RandRegionPromptd,
+    RegionPromptd,
+    load_photo_prompt_file,
+)
 from .sam_input import IMAGENET_MEAN, IMAGENET_STD, SAM_ORIGINAL_SIZE_KEY, SamInput, SamInputd
 from .slices import SampleSliceSequenced, present_labels, source_name
 
 __all__ = [
+    "CropAroundRegiond",
+    "LoadPhotoPromptFiled",
+    "RandRegionPromptd",
+    "RegionPromptd",
+    "load_photo_prompt_file",
     "FIRST_LESION_ID",
     "LesionInstancesd",
     "LesionPromptsd",
