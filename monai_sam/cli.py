@@ -85,11 +85,12 @@ def _run_convert(args: argparse.Namespace) -> int:
 def _add_segment(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "segment",
-        help="segment CT/MR volumes (NIfTI, DICOM folders, PACS studies) from prompts with SAM2's slice memory",
-        description="Segment every case of --input (a NIfTI file, a DICOM series, or a folder tree of studies) "
-        "or of a PACS (--dicomweb URL --study UID) and write OUTPUT/<case>_seg.nii.gz (object ids, the input's "
-        "orientation and affine), with --dicom-seg a DICOM-SEG <case>_seg.dcm referencing the source series, "
-        "and <case>_seg.json. Cases already done are skipped; a failed case is listed and the others go on. "
+        help="segment CT/MR volumes (NIfTI, DICOM folders, PACS studies) from prompts with SAM2's memory",
+        description="Segment every case of --input (a NIfTI file, a DICOM series, or a folder tree of "
+        "studies) or of a PACS (--dicomweb URL --study UID) and write OUTPUT/<case>_seg.nii.gz (object ids, "
+        "the input's orientation and affine), with --dicom-seg a DICOM-SEG <case>_seg.dcm referencing the "
+        "source series, and <case>_seg.json. Cases already done are skipped; a failed case is listed and the "
+        "others go on. "
         "Exit status: 0 all cases done or skipped, 2 a case failed or the run could not start. "
         "See docs/dicom_pipeline.md.",
     )
@@ -102,34 +103,44 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--study", action="append", default=[], metavar="UID",
                      help="StudyInstanceUID to pull from --dicomweb (repeat for several)")
     src.add_argument("--dicomweb-attempts", type=int, default=3,
-                     help="tries per DICOMweb request (refused connections, HTTP 429/503/504; back-off 1, 2, 4 s...)")
+                     help="tries per DICOMweb request (refused connections, HTTP 429/503/504; "
+                     "back-off 1, 2, 4 s...)")
     src.add_argument("--series-uid", default=None, help="segment this series (when a study holds several)")
     src.add_argument("--min-slices", type=int, default=8,
                      help="fewest slices of a usable series (localizers have fewer)")
     how = p.add_argument_group("model and prompts")
     how.add_argument("--bundle", type=Path, default=None,
-                     help="a trained bundle folder (configs/ + models/model.pt), e.g. bundles/sam2_ct_abdominal_organs")
+                     help="a trained bundle folder (configs/ + models/model.pt), "
+                     "e.g. bundles/sam2_ct_abdominal_organs")
     how.add_argument("--prompts", type=Path, default=None,
-                     help="prompt file (one case) or folder of <case>.json prompt files (docs/prompt_file.md)")
+                     help="prompt file (one case) or folder of <case>.json prompt files "
+                     "(docs/prompt_file.md)")
     how.add_argument("--auto", action="store_true",
-                     help="prompts from the bundle's automatic prompter (its inference.yaml 'auto_prompter')")
+                     help="prompts from the bundle's automatic prompter "
+                     "(its inference.yaml 'auto_prompter')")
     how.add_argument("--checkpoint", type=Path, default=None,
-                     help="official SAM2/SAM2.1 .pt: without --bundle the model itself; with --bundle the frozen "
-                     "encoder the bundle was trained on (none: random weights, a demo only)")
-    how.add_argument("--model-size", default="sam2.1_hiera_t", help="without --bundle: sam2.1_hiera_t|s|b+|l, sam2_hiera_*")
+                     help="official SAM2/SAM2.1 .pt: without --bundle the model itself; with --bundle "
+                     "the frozen encoder the bundle was trained on (none: random weights, a demo only)")
+    how.add_argument("--model-size", default="sam2.1_hiera_t",
+                     help="without --bundle: sam2.1_hiera_t|s|b+|l, sam2_hiera_*")
     how.add_argument("--image-size", type=int, default=1024,
                      help="without --bundle: SAM2 input size in pixels (1024 = official)")
     how.add_argument("--window", default="auto",
-                     help="without --bundle: 'auto' (CT window or MR percentiles), 'mr', 'none', a CT preset...")
+                     help="without --bundle: 'auto' (CT window or MR percentiles), 'mr', 'none', "
+                     "a CT preset...")
     out = p.add_argument_group("output")
     out.add_argument("--output", type=Path, required=True, help="output folder")
     out.add_argument("--dicom-seg", action="store_true", help="also write a DICOM-SEG for DICOM inputs")
-    out.add_argument("--no-store", action="store_true", help="with --dicomweb: do not store the SEG back (STOW-RS)")
+    out.add_argument("--no-store", action="store_true",
+                     help="with --dicomweb: do not store the SEG back (STOW-RS)")
     out.add_argument("--overwrite", action="store_true", help="redo cases already done")
     run = p.add_argument_group("running")
-    run.add_argument("--device", default="auto", help="auto (under torchrun: cuda:LOCAL_RANK), cpu, cuda, cuda:1 ...")
-    run.add_argument("--precision", default="auto", help="without --bundle: auto (bf16 on CUDA), float32, bfloat16")
-    run.add_argument("--encoder-batch-size", type=int, default=8, help="without --bundle: slices per encoder call")
+    run.add_argument("--device", default="auto",
+                     help="auto (under torchrun: cuda:LOCAL_RANK), cpu, cuda, cuda:1 ...")
+    run.add_argument("--precision", default="auto",
+                     help="without --bundle: auto (bf16 on CUDA), float32, bfloat16")
+    run.add_argument("--encoder-batch-size", type=int, default=8,
+                     help="without --bundle: slices per encoder call")
     p.set_defaults(func=_run_segment)
 
 
@@ -147,7 +158,9 @@ def _segment_cases(args: argparse.Namespace, modalities: tuple[str, ...]):
         return dicomweb_cases(args.dicomweb, args.study)
     if args.study:
         raise PipelineError("--study goes with --dicomweb")
-    return discover_cases(args.input, modalities=modalities, min_slices=args.min_slices, series_uid=args.series_uid)
+    return discover_cases(
+        args.input, modalities=modalities, min_slices=args.min_slices, series_uid=args.series_uid
+    )
 
 
 def _bundle_modalities(bundle: Path | None) -> tuple[str, ...]:
@@ -171,20 +184,23 @@ def _run_segment(args: argparse.Namespace) -> int:
         load_bundle_model,
         load_checkpoint_model,
         rank_and_world,
+        resolve_device,
         run_pipeline,
     )
-    from monai_sam.pipeline import _device as pipeline_device
 
-    logging.getLogger("highdicom").setLevel(logging.WARNING)  # its INFO lines would drown the per-case log
+    # highdicom's INFO lines (one per copied module) would drown the per-case log
+    logging.getLogger("highdicom").setLevel(logging.WARNING)
     try:
         if args.auto and args.prompts is not None:
             raise PipelineError("give --prompts or --auto, not both")
         if not args.auto and args.prompts is None:
             raise PipelineError("give --prompts (a prompt file or a folder of <case>.json) or --auto")
         if args.auto and args.bundle is None:
-            raise PipelineError("--auto needs --bundle: a bundle whose inference.yaml defines 'auto_prompter'")
+            raise PipelineError(
+                "--auto needs --bundle: a bundle whose inference.yaml defines 'auto_prompter'"
+            )
         rank, world, local_rank = rank_and_world()
-        device = pipeline_device(args.device, local_rank)
+        device = resolve_device(args.device, local_rank)
         window = None if str(args.window).lower() == "none" else args.window
         if args.bundle is not None:
             def factory():

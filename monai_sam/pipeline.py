@@ -48,6 +48,7 @@ __all__ = [
     "load_bundle_model",
     "load_checkpoint_model",
     "rank_and_world",
+    "resolve_device",
     "run_pipeline",
     "output_stem",
 ]
@@ -122,7 +123,8 @@ def rank_and_world() -> tuple[int, int, int]:
     return rank, world, local
 
 
-def _device(device: str, local_rank: int) -> torch.device:
+def resolve_device(device: str, local_rank: int = 0) -> torch.device:
+    """``"auto"``: this process's GPU (``cuda:LOCAL_RANK`` under torchrun) or the CPU; else as given."""
     if str(device) != "auto":
         return torch.device(device)
     if torch.cuda.is_available():
@@ -393,12 +395,17 @@ def load_bundle_model(
     window = parser.get_parsed_content("window") if parser.get("window") is not None else "auto"
     modality = (
         meta.get("network_data_format", {}).get("inputs", {}).get("image", {}).get("modality")
-        if isinstance(meta, dict) else None
+        if isinstance(meta, dict)
+        else None
     )
     # built only when asked for: an automatic prompter has its own network and weights
     auto = parser.get_parsed_content("auto_prompter") if need_auto else None
-    logger.info("bundle %s: trained parts from %s, frozen encoder from %s", bundle_dir, trained,
-                base or "random init / demo")
+    logger.info(
+        "bundle %s: trained parts from %s, frozen encoder from %s",
+        bundle_dir,
+        trained,
+        base or "random init / demo",
+    )
     return SegmentationModel(
         network=network,
         window=window,
@@ -472,7 +479,9 @@ def _prompts_for(
     assert prompts is not None
     path = prompts / f"{case.name}.json" if prompts.is_dir() else prompts
     if not path.is_file():
-        raise FileNotFoundError(f"case {case.name}: no prompt file {path} (a folder of prompt files holds <case>.json)")
+        raise FileNotFoundError(
+            f"case {case.name}: no prompt file {path} (a folder of prompt files holds <case>.json)"
+        )
     return list(load_prompt_file(path, volume)), "user"
 
 
@@ -525,7 +534,9 @@ def _process(
                 f"{'/'.join(modalities)} volumes"
             )
     elif dicom_seg:
-        raise ValueError(f"{case.source}: --dicom-seg needs a DICOM input (a {case.kind} file has no source series)")
+        raise ValueError(
+            f"{case.source}: --dicom-seg needs a DICOM input (a {case.kind} file has no source series)"
+        )
     volume = load_volume(path, series_uid=series_uid)
     if not auto:
         objects, source = _prompts_for(case, prompts, auto, None, volume)
@@ -537,10 +548,15 @@ def _process(
     outputs = [write_label(label, staging / f"{stem}.nii.gz").name]
     seg_info: dict[str, Any] = {}
     if dicom_seg:
-        algorithm = AlgorithmInfo(model.name, model.version, model.checkpoint_sha256, source, model.parameters)
+        algorithm = AlgorithmInfo(
+            model.name, model.version, model.checkpoint_sha256, source, model.parameters
+        )
         ds = write_dicom_seg(label, series, staging / f"{stem}.dcm", names, algorithm)
         outputs.append(f"{stem}.dcm")
-        seg_info = {"seg_series_uid": str(ds.SeriesInstanceUID), "seg_sop_instance_uid": str(ds.SOPInstanceUID)}
+        seg_info = {
+            "seg_series_uid": str(ds.SeriesInstanceUID),
+            "seg_sop_instance_uid": str(ds.SOPInstanceUID),
+        }
         if case.kind == "dicomweb" and store:
             dicomweb.store(staging / f"{stem}.dcm")
             seg_info["stored_to"] = dicomweb.url
@@ -636,7 +652,9 @@ def run_pipeline(
     from tqdm import tqdm
 
     if auto == (prompts is not None):
-        raise PipelineError("give either prompts (a prompt file or a folder of <case>.json) or auto, not both")
+        raise PipelineError(
+            "give either prompts (a prompt file or a folder of <case>.json) or auto, not both"
+        )
     prompts = Path(prompts) if prompts is not None else None
     if prompts is not None and not prompts.exists():
         raise PipelineError(f"prompts not found: {prompts}")
@@ -676,7 +694,9 @@ def run_pipeline(
         entry: dict[str, Any] = {"case": case.name, "source": case.source}
         if not overwrite and _is_done(output_dir, stem, dicom_seg):
             entry.update(status="skipped", record=str(_record_path(output_dir, stem)))
-            logger.info("%scase %s: skipped (already done: %s)", tag, case.name, _record_path(output_dir, stem))
+            logger.info(
+                "%scase %s: skipped (already done: %s)", tag, case.name, _record_path(output_dir, stem)
+            )
             entries.append(entry)
             continue
         t0 = time.time()
@@ -686,17 +706,35 @@ def run_pipeline(
             shutil.rmtree(stale, ignore_errors=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{stem}.staging-", dir=output_dir))
         try:
-            record = _process(case, get_model, modalities, output_dir, staging, prompts, auto, dicom_seg,
-                              progress=len(mine) == 1, dicomweb=dicomweb, store=store, min_slices=min_slices)
+            record = _process(
+                case,
+                get_model,
+                modalities,
+                output_dir,
+                staging,
+                prompts,
+                auto,
+                dicom_seg,
+                progress=len(mine) == 1,
+                dicomweb=dicomweb,
+                store=store,
+                min_slices=min_slices,
+            )
             record["seconds"] = round(time.time() - t0, 2)
             record["finished"] = datetime.datetime.now().isoformat(timespec="seconds")
             _commit(staging, output_dir, record, stem)
-            entry.update(status="done", seconds=record["seconds"], outputs=record["outputs"],
-                         prompts=record["prompts"])
+            entry.update(
+                status="done", seconds=record["seconds"], outputs=record["outputs"], prompts=record["prompts"]
+            )
             logger.info(
                 "%scase %s: done in %.1f s (%d object(s), %s prompts; present: %s) -> %s",
-                tag, case.name, record["seconds"], len(record["objects"]), record["prompts"],
-                record["present_in_output"], ", ".join(str(output_dir / o) for o in record["outputs"]),
+                tag,
+                case.name,
+                record["seconds"],
+                len(record["objects"]),
+                record["prompts"],
+                record["present_in_output"],
+                ", ".join(str(output_dir / o) for o in record["outputs"]),
             )
         except (KeyboardInterrupt, SystemExit):
             raise
@@ -704,8 +742,12 @@ def run_pipeline(
             raise  # the model cannot be built: every case would fail the same way
         except Exception as err:  # one case's failure must not stop the others
             message = str(err) or type(err).__name__
-            entry.update(status="failed", error=message, error_type=type(err).__name__,
-                         seconds=round(time.time() - t0, 2))
+            entry.update(
+                status="failed",
+                error=message,
+                error_type=type(err).__name__,
+                seconds=round(time.time() - t0, 2),
+            )
             logger.error("%scase %s FAILED: %s", tag, case.name, message)
             logger.debug("case %s traceback", case.name, exc_info=True)
         finally:
@@ -725,7 +767,12 @@ def run_pipeline(
     _write_json(output_dir / name, summary)
     logger.info(
         "%ssummary: %d case(s): %d done, %d skipped (already done), %d failed (%s)",
-        tag, len(entries), counts["done"], counts["skipped"], counts["failed"], output_dir / name,
+        tag,
+        len(entries),
+        counts["done"],
+        counts["skipped"],
+        counts["failed"],
+        output_dir / name,
     )
     for e in entries:
         if e["status"] == "failed":

@@ -124,8 +124,11 @@ def mask_prompt_file(path: Path, phantom, value: int = LIVER, name: str = "liver
     mask[..., k] = phantom.label[..., k] == value
     mask_path = path.with_name(path.stem + "_mask.nii.gz")
     nib.save(nib.Nifti1Image(mask, phantom.affine), str(mask_path))
-    doc = {"version": 1, "coordinates": "voxel",
-           "objects": [{"id": value, "name": name, "slices": [{"mask": mask_path.name}]}]}
+    doc = {
+        "version": 1,
+        "coordinates": "voxel",
+        "objects": [{"id": value, "name": name, "slices": [{"mask": mask_path.name}]}],
+    }
     path.write_text(json.dumps(doc))
     return path
 

@@ -34,9 +34,20 @@ from monai_sam.data.loading import load_volume
 from monai_sam.pipeline import discover_cases
 
 PROBLEMS = [
-    "compressed_without_plugin", "compressed_truncated", "duplicate_slice", "gantry_tilt",
-    "localizer_mixed_in", "missing_pixel_data", "missing_slice", "mr_for_ct_bundle", "multi_frame",
-    "non_uniform_spacing", "prompt_file_missing", "rgb", "truncated_header", "truncated_pixel_data",
+    "compressed_without_plugin",
+    "compressed_truncated",
+    "duplicate_slice",
+    "gantry_tilt",
+    "localizer_mixed_in",
+    "missing_pixel_data",
+    "missing_slice",
+    "mr_for_ct_bundle",
+    "multi_frame",
+    "non_uniform_spacing",
+    "prompt_file_missing",
+    "rgb",
+    "truncated_header",
+    "truncated_pixel_data",
     "two_series",
 ]
 
@@ -87,8 +98,13 @@ def _make(root: Path, problem: str) -> Path:
         first = phantom_series(root / "tmp_a", seed=seed, series_description="venous")
         del first
         study = pydicom.dcmread(_files(root / "tmp_a")[0]).StudyInstanceUID
-        phantom_series(root / "tmp_b", seed=seed, study_instance_uid=study, series_number=2,
-                       series_description="arterial")
+        phantom_series(
+            root / "tmp_b",
+            seed=seed,
+            study_instance_uid=study,
+            series_number=2,
+            series_description="arterial",
+        )
         folder.mkdir()
         for tag in ("a", "b"):
             for f in _files(root / f"tmp_{tag}"):
@@ -111,7 +127,9 @@ def _make(root: Path, problem: str) -> Path:
             _shift(f, dy=1.5 * k)
     elif problem == "localizer_mixed_in":
         shutil.copy(files[0], folder / "scout.dcm")
-        _edit(folder / "scout.dcm", SOPInstanceUID=generate_uid(), ImageOrientationPatient=[0, 1, 0, 0, 0, -1])
+        _edit(
+            folder / "scout.dcm", SOPInstanceUID=generate_uid(), ImageOrientationPatient=[0, 1, 0, 0, 0, -1]
+        )
     elif problem == "truncated_pixel_data":
         data = files[3].read_bytes()
         files[3].write_bytes(data[: len(data) - 1000])
@@ -170,8 +188,22 @@ def bad_run(tmp_path_factory):
     out = root / "out"
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(config, "pixel_data_handlers", [numpy_handler, rle_handler])
-        rc = main(["segment", "--input", str(archive), "--bundle", str(bundle), "--prompts", str(root / "prompts"),
-                   "--output", str(out), "--dicom-seg", "--device", "cpu"])
+        rc = main(
+            [
+                "segment",
+                "--input",
+                str(archive),
+                "--bundle",
+                str(bundle),
+                "--prompts",
+                str(root / "prompts"),
+                "--output",
+                str(out),
+                "--dicom-seg",
+                "--device",
+                "cpu",
+            ]
+        )
     summary = json.loads((out / "summary.json").read_text())
     errors = {e["case"]: e for e in summary["cases"]}
     return rc, out, folders, errors
@@ -186,7 +218,9 @@ def _failed(bad_run, case: str, *needles: str) -> str:
     for needle in needles:
         assert needle in message, f"{needle!r} not in {message!r}"
     assert not list(out.glob(f"{case}_seg*")), "a failed case leaves no output"
-    assert not [p for p in out.iterdir() if p.name.startswith(".")], "no staging folder or temporary file left"
+    assert not [p for p in out.iterdir() if p.name.startswith(".")], (
+        "no staging folder or temporary file left"
+    )
     return message
 
 
@@ -199,7 +233,9 @@ def test_every_problem_is_one_failed_case(bad_run):
 
 
 def test_two_series_in_one_folder(bad_run):
-    msg = _failed(bad_run, "two_series", "2 CT series could be segmented", "--series-uid", "venous", "arterial")
+    msg = _failed(
+        bad_run, "two_series", "2 CT series could be segmented", "--series-uid", "venous", "arterial"
+    )
     assert str(bad_run[2]["two_series"]) in msg
 
 
@@ -208,7 +244,9 @@ def test_missing_slice(bad_run):
 
 
 def test_duplicate_slice_positions(bad_run):
-    _failed(bad_run, "duplicate_slice", "duplicate slice positions", "copy_of_slice_0005.dcm", "slice_0005.dcm")
+    _failed(
+        bad_run, "duplicate_slice", "duplicate slice positions", "copy_of_slice_0005.dcm", "slice_0005.dcm"
+    )
 
 
 def test_non_uniform_spacing(bad_run):
@@ -249,8 +287,13 @@ def test_mr_series_for_a_ct_bundle(bad_run):
 
 
 def test_compressed_syntax_without_its_plugin(bad_run):
-    _failed(bad_run, "compressed_without_plugin", "slice_0001.dcm", "JPEG-LS Lossless",
-            "install pylibjpeg + pylibjpeg-libjpeg, or python-gdcm")
+    _failed(
+        bad_run,
+        "compressed_without_plugin",
+        "slice_0001.dcm",
+        "JPEG-LS Lossless",
+        "install pylibjpeg + pylibjpeg-libjpeg, or python-gdcm",
+    )
 
 
 def test_truncated_compressed_file(bad_run):
@@ -281,8 +324,17 @@ def test_non_dicom_files_mixed_in_are_ignored(tmp_path):
 def test_empty_input_folder(tmp_path, caplog):
     (tmp_path / "empty").mkdir()
     with caplog.at_level(logging.ERROR, logger="monai_sam"):
-        rc = main(["segment", "--input", str(tmp_path / "empty"), "--prompts", str(tmp_path),
-                   "--output", str(tmp_path / "out")])
+        rc = main(
+            [
+                "segment",
+                "--input",
+                str(tmp_path / "empty"),
+                "--prompts",
+                str(tmp_path),
+                "--output",
+                str(tmp_path / "out"),
+            ]
+        )
     assert rc == 2
     assert f"{tmp_path / 'empty'}: no NIfTI file and no DICOM file found" in caplog.text
 
@@ -296,8 +348,21 @@ def _free_port() -> int:
 def test_dicomweb_server_down(tmp_path):
     url = f"http://127.0.0.1:{_free_port()}/dicom-web"  # nothing listens there
     out = tmp_path / "out"
-    rc = main(["segment", "--dicomweb", url, "--study", "1.2.3.4", "--prompts", str(tmp_path),
-               "--output", str(out), "--dicomweb-attempts", "2"])
+    rc = main(
+        [
+            "segment",
+            "--dicomweb",
+            url,
+            "--study",
+            "1.2.3.4",
+            "--prompts",
+            str(tmp_path),
+            "--output",
+            str(out),
+            "--dicomweb-attempts",
+            "2",
+        ]
+    )
     assert rc == 2
     entry = json.loads((out / "summary.json").read_text())["cases"][0]
     assert entry["case"] == "study_1.2.3.4" and entry["status"] == "failed"
@@ -311,12 +376,24 @@ def test_output_folder_without_write_permission(tmp_path):
     readonly = tmp_path / "readonly"
     readonly.mkdir()
     readonly.chmod(0o555)
-    cmd = [sys.executable, "-m", "monai_sam.cli", "segment", "--input", str(tmp_path / "ct"),
-           "--prompts", str(tmp_path), "--output", str(readonly / "out")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai_sam.cli",
+        "segment",
+        "--input",
+        str(tmp_path / "ct"),
+        "--prompts",
+        str(tmp_path),
+        "--output",
+        str(readonly / "out"),
+    ]
     if os.geteuid() == 0:  # root writes anywhere: drop the capabilities that allow it
         setpriv = shutil.which("setpriv")
         if setpriv is None:
-            pytest.skip("running as root and setpriv (util-linux) is missing: cannot take away write permission")
+            pytest.skip(
+                "running as root and setpriv (util-linux) is missing: cannot take away write permission"
+            )
         cmd = [setpriv, "--bounding-set", "-dac_override,-dac_read_search,-fowner", *cmd]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -332,8 +409,12 @@ def test_output_folder_without_write_permission(tmp_path):
 
 @pytest.mark.parametrize(
     "syntax,name",
-    [("JPEGLSLossless", "JPEG-LS Lossless"), ("JPEG2000Lossless", "JPEG 2000"),
-     ("JPEGLosslessProcess14_1", "JPEG Lossless"), ("RLELossless", "RLE Lossless")],
+    [
+        ("JPEGLSLossless", "JPEG-LS Lossless"),
+        ("JPEG2000Lossless", "JPEG 2000"),
+        ("JPEGLosslessProcess14_1", "JPEG Lossless"),
+        ("RLELossless", "RLE Lossless"),
+    ],
 )
 def test_compressed_series_decode_with_the_plugins(syntax, name):
     """With requirements.txt's plugins installed, compressed series read like the original."""
@@ -344,7 +425,7 @@ def test_compressed_series_decode_with_the_plugins(syntax, name):
         _transcode(folder, syntax)
         ds = pydicom.dcmread(_files(folder)[0])
         assert name in ds.file_meta.TransferSyntaxUID.name and ds.file_meta.TransferSyntaxUID.is_compressed
-        for f, ref in zip(_files(folder), original):
+        for f, ref in zip(_files(folder), original, strict=True):
             np.testing.assert_array_equal(pydicom.dcmread(f).pixel_array, ref)  # pydicom + plugin
         volume = load_volume(folder)  # checks (one decode per syntax) + ITK
         np.testing.assert_allclose(volume[0].numpy(), ph.image, atol=0.5 + 1e-3)

@@ -80,12 +80,13 @@ def test_seg_frames_overlay_the_source_pixels(written, source, phantom):
     """
     _, series, _, _ = source
     seg = pydicom.dcmread(written)
-    sop_to_k = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID): k
-                for k, f in enumerate(series.files)}
+    sop_to_k = {
+        str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID): k for k, f in enumerate(series.files)
+    }
     pixels = seg.pixel_array  # (frames, rows, cols) binary
     assert len(seg.PerFrameFunctionalGroupsSequence) == pixels.shape[0] > 0
     checked = 0
-    for frame, item in zip(pixels, seg.PerFrameFunctionalGroupsSequence):
+    for frame, item in zip(pixels, seg.PerFrameFunctionalGroupsSequence, strict=True):
         number = int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
         src = item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
         k = sop_to_k[str(src)]
@@ -131,8 +132,11 @@ def _codes(item) -> tuple[str, str, list[str], list[str]]:
 def test_segments_carry_snomed_codes(written):
     seg = pydicom.dcmread(written)
     by_label = {item.SegmentLabel: item for item in seg.SegmentSequence}
-    assert {item.CodingSchemeDesignator for s in seg.SegmentSequence
-            for item in (s.SegmentedPropertyCategoryCodeSequence[0], s.SegmentedPropertyTypeCodeSequence[0])} == {"SCT"}
+    assert {
+        item.CodingSchemeDesignator
+        for s in seg.SegmentSequence
+        for item in (s.SegmentedPropertyCategoryCodeSequence[0], s.SegmentedPropertyTypeCodeSequence[0])
+    } == {"SCT"}
     assert _codes(by_label["liver"]) == ("123037004", "10200004", [], [])  # anatomical structure, liver
     assert _codes(by_label["spleen"])[1] == "78961009"
     assert _codes(by_label["kidney_right"]) == ("123037004", "64033007", ["Right"], [])

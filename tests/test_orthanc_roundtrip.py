@@ -67,9 +67,9 @@ def orthanc(tmp_path_factory):
         "StorageDirectory": str(root / "storage"),
         "IndexDirectory": str(root / "storage"),
         "HttpPort": port,
-        "RemoteAccessAllowed": False,   # loopback clients only
+        "RemoteAccessAllowed": False,  # loopback clients only
         "AuthenticationEnabled": False,
-        "DicomServerEnabled": False,    # DICOMweb only: no DICOM listener
+        "DicomServerEnabled": False,  # DICOMweb only: no DICOM listener
         "DicomPort": _free_port(),
         "Plugins": [plugin],
         "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
@@ -77,16 +77,22 @@ def orthanc(tmp_path_factory):
     }
     (root / "orthanc.json").write_text(json.dumps(config))
     log = open(root / "orthanc.log", "w")
-    proc = subprocess.Popen([binary, str(root / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT, cwd=root)
+    proc = subprocess.Popen(
+        [binary, str(root / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT, cwd=root
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 60
         while True:
             if proc.poll() is not None:
-                pytest.fail(f"Orthanc exited with {proc.returncode}:\n{(root / 'orthanc.log').read_text()[-3000:]}")
+                pytest.fail(
+                    f"Orthanc exited with {proc.returncode}:\n{(root / 'orthanc.log').read_text()[-3000:]}"
+                )
             try:
-                if requests.get(f"{base}/system", timeout=2).ok and requests.get(
-                        f"{base}/dicom-web/studies", timeout=2).ok:
+                if (
+                    requests.get(f"{base}/system", timeout=2).ok
+                    and requests.get(f"{base}/dicom-web/studies", timeout=2).ok
+                ):
                     break
             except requests.ConnectionError:
                 pass
@@ -125,10 +131,15 @@ def bundle(tmp_path_factory):
 
 def _series_in_orthanc(orthanc: str, study_uid: str) -> dict[str, str]:
     """SeriesInstanceUID -> Modality, asked through Orthanc's REST API (independent of our client)."""
-    found = requests.post(f"{orthanc}/tools/find", json={"Level": "Series", "Expand": True,
-                                                          "Query": {"StudyInstanceUID": study_uid}}, timeout=30)
+    found = requests.post(
+        f"{orthanc}/tools/find",
+        json={"Level": "Series", "Expand": True, "Query": {"StudyInstanceUID": study_uid}},
+        timeout=30,
+    )
     found.raise_for_status()
-    return {s["MainDicomTags"]["SeriesInstanceUID"]: s["MainDicomTags"].get("Modality", "") for s in found.json()}
+    return {
+        s["MainDicomTags"]["SeriesInstanceUID"]: s["MainDicomTags"].get("Modality", "") for s in found.json()
+    }
 
 
 def _run(orthanc, study, bundle, out: Path, study_uid: str | None = None) -> int:
@@ -137,9 +148,27 @@ def _run(orthanc, study, bundle, out: Path, study_uid: str | None = None) -> int
     prompts = root / "prompts.json"
     if not prompts.exists():
         mask_prompt_file(prompts, ph)
-    return main(["segment", "--dicomweb", f"{orthanc}/dicom-web", "--study", study_uid or uid,
-                 "--bundle", str(bundle_dir), "--checkpoint", str(ckpt), "--prompts", str(prompts),
-                 "--output", str(out), "--device", "cpu", "--dicomweb-attempts", "1"])
+    return main(
+        [
+            "segment",
+            "--dicomweb",
+            f"{orthanc}/dicom-web",
+            "--study",
+            study_uid or uid,
+            "--bundle",
+            str(bundle_dir),
+            "--checkpoint",
+            str(ckpt),
+            "--prompts",
+            str(prompts),
+            "--output",
+            str(out),
+            "--device",
+            "cpu",
+            "--dicomweb-attempts",
+            "1",
+        ]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -156,8 +185,11 @@ def test_seg_is_stored_in_orthanc_and_references_the_series(round_trip, orthanc,
     segs = [uid for uid, modality in series.items() if modality == "SEG"]
     assert series[series_uid] == "CT" and len(segs) == 1
     # fetch the stored SEG back from Orthanc (REST), not from our output folder
-    instances = requests.post(f"{orthanc}/tools/find", json={"Level": "Instance",
-                                                              "Query": {"SeriesInstanceUID": segs[0]}}, timeout=30)
+    instances = requests.post(
+        f"{orthanc}/tools/find",
+        json={"Level": "Instance", "Query": {"SeriesInstanceUID": segs[0]}},
+        timeout=30,
+    )
     (orthanc_id,) = instances.json()
     stored = out / "from_orthanc.dcm"
     stored.write_bytes(requests.get(f"{orthanc}/instances/{orthanc_id}/file", timeout=30).content)

@@ -64,8 +64,14 @@ def archive(tmp_path_factory):
     from monai_sam.io.dicom import write_dicom_series
 
     scout = make_phantom("ct", seed=0, shape=(48, 48, 2), spacing=(4.3, 4.3, 60.0))
-    write_dicom_series(scout.image, scout.affine, root / "in" / "patient1" / "scout",
-                       study_instance_uid=study1, series_number=9, series_description="localizer")
+    write_dicom_series(
+        scout.image,
+        scout.affine,
+        root / "in" / "patient1" / "scout",
+        study_instance_uid=study1,
+        series_number=9,
+        series_description="localizer",
+    )
     phantoms["patient1_ct"] = p1
     phantoms["patient2_ct"] = phantom_series(root / "in" / "patient2" / "ct", seed=1)
     phantoms["patient3_ct"] = phantom_series(root / "in" / "patient3" / "ct", seed=2)
@@ -80,9 +86,25 @@ def archive(tmp_path_factory):
 def _segment(archive, models, out: Path, *extra: str) -> int:
     root, _ = archive
     ckpt, bundle = models
-    return main(["segment", "--input", str(root / "in"), "--bundle", str(bundle), "--checkpoint", str(ckpt),
-                 "--prompts", str(root / "prompts"), "--output", str(out), "--dicom-seg", "--device", "cpu",
-                 *extra])
+    return main(
+        [
+            "segment",
+            "--input",
+            str(root / "in"),
+            "--bundle",
+            str(bundle),
+            "--checkpoint",
+            str(ckpt),
+            "--prompts",
+            str(root / "prompts"),
+            "--output",
+            str(out),
+            "--dicom-seg",
+            "--device",
+            "cpu",
+            *extra,
+        ]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +156,10 @@ def test_record_names_model_weights_and_prompts(first_run, models):
     assert record["status"] == "done" and record["prompts"] == "user"
     assert record["outputs"] == ["patient2_ct_seg.nii.gz", "patient2_ct_seg.dcm"]
     assert record["checkpoint_sha256"] == model_sha and record["model"] == "bundle"
-    assert record["model_version"] == json.loads((CT_BUNDLE / "configs" / "metadata.json").read_text())["version"]
+    assert (
+        record["model_version"]
+        == json.loads((CT_BUNDLE / "configs" / "metadata.json").read_text())["version"]
+    )
     seg = pydicom.dcmread(out / "patient2_ct_seg.dcm", stop_before_pixels=True)
     assert seg.DeviceSerialNumber == model_sha
     params = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0].AlgorithmParameters
@@ -183,17 +208,40 @@ def test_torchrun_processes_share_the_archive(first_run, archive, models):
     for f in out.glob("summary_rank*.json"):
         f.unlink()
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
-           "-m", "monai_sam.cli", "segment", "--input", str(root / "in"), "--bundle", str(bundle),
-           "--checkpoint", str(ckpt), "--prompts", str(root / "prompts"), "--output", str(out),
-           "--dicom-seg", "--device", "cpu"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_port=0",
+        "-m",
+        "monai_sam.cli",
+        "segment",
+        "--input",
+        str(root / "in"),
+        "--bundle",
+        str(bundle),
+        "--checkpoint",
+        str(ckpt),
+        "--prompts",
+        str(root / "prompts"),
+        "--output",
+        str(out),
+        "--dicom-seg",
+        "--device",
+        "cpu",
+    ]
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0  # patient3 fails on rank 0, and torchrun reports it
     cases = {}
     for rank in (0, 1):
         summary = json.loads((out / f"summary_rank{rank}.json").read_text())
         cases.update({e["case"]: (rank, e["status"]) for e in summary["cases"]})
-    assert cases == {"patient1_ct": (0, "skipped"), "patient2_ct": (1, "skipped"), "patient3_ct": (0, "failed")}
+    assert cases == {
+        "patient1_ct": (0, "skipped"),
+        "patient2_ct": (1, "skipped"),
+        "patient3_ct": (0, "failed"),
+    }
 
 
 def test_auto_prompts_are_marked_as_automatic(archive, models, tmp_path):
@@ -205,11 +253,30 @@ def test_auto_prompts_are_marked_as_automatic(archive, models, tmp_path):
     shutil.copytree(trained, bundle)
     set_auto_prompter(bundle, AUTO_PROMPTER)
     out = tmp_path / "out"
-    rc = main(["segment", "--input", str(root / "in" / "patient2" / "ct"), "--bundle", str(bundle),
-               "--checkpoint", str(ckpt), "--auto", "--output", str(out), "--dicom-seg", "--device", "cpu"])
+    rc = main(
+        [
+            "segment",
+            "--input",
+            str(root / "in" / "patient2" / "ct"),
+            "--bundle",
+            str(bundle),
+            "--checkpoint",
+            str(ckpt),
+            "--auto",
+            "--output",
+            str(out),
+            "--dicom-seg",
+            "--device",
+            "cpu",
+        ]
+    )
     assert rc == 0
     assert sorted(p.name for p in out.iterdir()) == [
-        "ct_seg_auto_prompts.dcm", "ct_seg_auto_prompts.json", "ct_seg_auto_prompts.nii.gz", "summary.json"]
+        "ct_seg_auto_prompts.dcm",
+        "ct_seg_auto_prompts.json",
+        "ct_seg_auto_prompts.nii.gz",
+        "summary.json",
+    ]
     record = json.loads((out / "ct_seg_auto_prompts.json").read_text())
     assert record["prompts"] == "automatic" and record["objects"] == {"1": "liver"}
     seg = pydicom.dcmread(out / "ct_seg_auto_prompts.dcm", stop_before_pixels=True)
@@ -227,8 +294,20 @@ def test_auto_needs_a_bundle_with_an_auto_prompter(archive, models, tmp_path, ca
     shutil.copytree(models[1] / "configs", bundle / "configs")
     set_auto_prompter(bundle, None)
     with caplog.at_level(logging.ERROR, logger="monai_sam"):
-        rc = main(["segment", "--input", str(root / "in"), "--bundle", str(bundle), "--auto",
-                   "--output", str(tmp_path / "out"), "--device", "cpu"])
+        rc = main(
+            [
+                "segment",
+                "--input",
+                str(root / "in"),
+                "--bundle",
+                str(bundle),
+                "--auto",
+                "--output",
+                str(tmp_path / "out"),
+                "--device",
+                "cpu",
+            ]
+        )
     assert rc == 2
     assert f"bundle {bundle} has no automatic mode" in caplog.text and "auto_prompter" in caplog.text
     assert not (tmp_path / "out").exists()
@@ -241,9 +320,21 @@ def test_bundle_without_trained_weights_is_refused(archive, models, tmp_path, ca
     untrained = tmp_path / "untrained"
     shutil.copytree(models[1] / "configs", untrained / "configs")
     with caplog.at_level(logging.ERROR, logger="monai_sam"):
-        rc = main(["segment", "--input", str(root / "in" / "patient2" / "ct"), "--bundle", str(untrained),
-                   "--prompts", str(root / "prompts" / "patient2_ct.json"), "--output", str(tmp_path / "out"),
-                   "--device", "cpu"])
+        rc = main(
+            [
+                "segment",
+                "--input",
+                str(root / "in" / "patient2" / "ct"),
+                "--bundle",
+                str(untrained),
+                "--prompts",
+                str(root / "prompts" / "patient2_ct.json"),
+                "--output",
+                str(tmp_path / "out"),
+                "--device",
+                "cpu",
+            ]
+        )
     assert rc == 2
     assert f"has no trained weights at {untrained / 'models' / 'model.pt'}" in caplog.text
     assert "monai.bundle run training" in caplog.text
@@ -253,8 +344,19 @@ def test_bundle_without_trained_weights_is_refused(archive, models, tmp_path, ca
 def test_one_prompt_file_for_many_cases_is_refused(archive, models, tmp_path, caplog):
     root, _ = archive
     with caplog.at_level(logging.ERROR, logger="monai_sam"):
-        rc = main(["segment", "--input", str(root / "in"), "--bundle", str(models[1]),
-                   "--prompts", str(root / "prompts" / "patient1_ct.json"), "--output", str(tmp_path / "o")])
+        rc = main(
+            [
+                "segment",
+                "--input",
+                str(root / "in"),
+                "--bundle",
+                str(models[1]),
+                "--prompts",
+                str(root / "prompts" / "patient1_ct.json"),
+                "--output",
+                str(tmp_path / "o"),
+            ]
+        )
     assert rc == 2
     assert "is one prompt file but the input holds 3 cases" in caplog.text
 
@@ -262,8 +364,11 @@ def test_one_prompt_file_for_many_cases_is_refused(archive, models, tmp_path, ca
 def test_discovery_picks_one_series_per_study(archive):
     root, _ = archive
     cases = discover_cases(root / "in", modalities=("CT",))
-    assert [(c.name, c.kind) for c in cases] == [("patient1_ct", "dicom"), ("patient2_ct", "dicom"),
-                                                 ("patient3_ct", "dicom")]
+    assert [(c.name, c.kind) for c in cases] == [
+        ("patient1_ct", "dicom"),
+        ("patient2_ct", "dicom"),
+        ("patient3_ct", "dicom"),
+    ]
     p1 = cases[0]
     assert p1.error is None and p1.path == root / "in" / "patient1" / "ct"  # the localizer is left aside
     ct_uid = pydicom.dcmread(next(p1.path.iterdir()), stop_before_pixels=True).SeriesInstanceUID

@@ -31,7 +31,7 @@ import pydicom
 import torch
 import yaml
 
-from monai_sam.io.dicom_series import DicomSeries, DicomSeriesError, check_series
+from monai_sam.io.dicom_series import DicomSeries, check_series
 
 __all__ = [
     "AlgorithmInfo",
@@ -105,13 +105,17 @@ def segment_code(name: str, table: str | os.PathLike | None = None) -> SegmentCo
         try:
             return getattr(codes.SCT, keyword)
         except AttributeError as err:
-            raise ValueError(f"{path}: {keyword!r} is not a SNOMED-CT keyword of pydicom's codes.SCT") from err
+            raise ValueError(
+                f"{path}: {keyword!r} is not a SNOMED-CT keyword of pydicom's codes.SCT"
+            ) from err
 
     try:
         category = getattr(codes.cid7150, entry["category"])
     except AttributeError as err:
         raise ValueError(f"{path}: {entry['category']!r} is not a category of codes.cid7150") from err
-    return SegmentCode(category, sct(entry["type"]), sct(entry.get("modifier")), sct(entry.get("region")), known)
+    return SegmentCode(
+        category, sct(entry["type"]), sct(entry.get("modifier")), sct(entry.get("region")), known
+    )
 
 
 @dataclasses.dataclass
@@ -207,7 +211,9 @@ def _voxel_indices(affine: np.ndarray, shape: Sequence[int], geom, where: str) -
     return result
 
 
-def label_to_frames(label: torch.Tensor | np.ndarray, affine: np.ndarray | None, series: DicomSeries) -> np.ndarray:
+def label_to_frames(
+    label: torch.Tensor | np.ndarray, affine: np.ndarray | None, series: DicomSeries
+) -> np.ndarray:
     """Sample a label (``(C, X, Y, Z)`` or ``(X, Y, Z)``) at the pixels of each source slice.
 
     Args:
@@ -254,7 +260,7 @@ def frames_to_label(frames: np.ndarray, series: DicomSeries, reference: torch.Te
     indices = _voxel_indices(_np(reference.affine), shape, _slice_geometry(series), where)
     if len(indices) != len(frames):
         raise DicomSegError(f"{where}: {len(frames)} frames for {len(indices)} source slices")
-    for f, (i, j, k) in zip(frames, indices):
+    for f, (i, j, k) in zip(frames, indices, strict=True):
         out[:, i, j, k] = np.moveaxis(f, -1, 0)
     meta = {k: v for k, v in reference.meta.items() if k != "affine"}
     return MetaTensor(torch.as_tensor(out), affine=reference.affine.clone(), meta=meta)
@@ -402,7 +408,11 @@ def write_dicom_seg(
     _atomic_write(seg, path)
     logger.info(
         "wrote DICOM-SEG %s: %d segment(s) %s on series %s (%s)",
-        path, len(values), [label_names[v] for v in values], source.series_uid, seg_type.value,
+        path,
+        len(values),
+        [label_names[v] for v in values],
+        source.series_uid,
+        seg_type.value,
     )
     return seg
 
@@ -431,7 +441,9 @@ def read_dicom_seg(
     try:
         seg = hd.seg.segread(str(path))
     except Exception as err:  # highdicom/pydicom raise many types for a bad file
-        raise DicomSegError(f"{path}: not a readable DICOM Segmentation: {type(err).__name__}: {err}") from err
+        raise DicomSegError(
+            f"{path}: not a readable DICOM Segmentation: {type(err).__name__}: {err}"
+        ) from err
     datasets = _source_datasets(source)
     if str(seg.FrameOfReferenceUID) != str(datasets[0].FrameOfReferenceUID):
         raise DicomSegError(
@@ -441,7 +453,9 @@ def read_dicom_seg(
     referenced = {str(uid) for _, _, uid in seg.get_source_image_uids()}
     uids = [str(ds.SOPInstanceUID) for ds in datasets]
     if not referenced & set(uids):
-        raise DicomSegError(f"{path}: references none of the {len(uids)} slices of series {source.series_uid}")
+        raise DicomSegError(
+            f"{path}: references none of the {len(uids)} slices of series {source.series_uid}"
+        )
     numbers = [int(n) for n in seg.get_segment_numbers()]
     names = {n: str(seg.get_segment_description(n).segment_label) for n in numbers}
     fractional = str(seg.SegmentationType) == "FRACTIONAL"

@@ -117,8 +117,11 @@ class DicomWebSource:
             return DicomWebError(f"DICOMweb server {self.url} did not answer in time while trying to {what}")
         if isinstance(err, requests.exceptions.HTTPError) and err.response is not None:
             code = err.response.status_code
-            hint = {401: " (credentials missing or wrong: see MONAI_SAM_DICOMWEB_*)", 403: " (not allowed)",
-                    404: " (not found)"}.get(code, "")
+            hint = {
+                401: " (credentials missing or wrong: see MONAI_SAM_DICOMWEB_*)",
+                403: " (not allowed)",
+                404: " (not found)",
+            }.get(code, "")
             return DicomWebError(f"DICOMweb server {self.url}: {what} failed with HTTP {code}{hint}")
         return DicomWebError(f"DICOMweb server {self.url}: {what} failed: {err.__class__.__name__}: {err}")
 
@@ -136,7 +139,9 @@ class DicomWebSource:
         except requests.exceptions.RequestException as err:
             raise self._fail(f"search study {study_uid}", err) from err
         if not found:
-            raise DicomWebError(f"study {study_uid} is not on DICOMweb server {self.url} (QIDO-RS found no series)")
+            raise DicomWebError(
+                f"study {study_uid} is not on DICOMweb server {self.url} (QIDO-RS found no series)"
+            )
         return found
 
     def fetch_study(
@@ -175,14 +180,22 @@ class DicomWebSource:
             folder.mkdir(exist_ok=True)
             for i, ds in enumerate(datasets):
                 self._save(ds, folder / f"{i:05d}.dcm")
-            logger.info("study %s: retrieved series %s (%d instances) from %s", study_uid, uid, len(datasets), self.url)
+            logger.info(
+                "study %s: retrieved series %s (%d instances) from %s",
+                study_uid,
+                uid,
+                len(datasets),
+                self.url,
+            )
         return dest, chosen[0] if len(chosen) == 1 else None
 
     @staticmethod
     def _save(ds: pydicom.Dataset, path: Path) -> None:
         meta = getattr(ds, "file_meta", None)
         if meta is None or "TransferSyntaxUID" not in meta:
-            raise DicomWebError(f"{path.name}: retrieved instance {ds.get('SOPInstanceUID')} has no transfer syntax")
+            raise DicomWebError(
+                f"{path.name}: retrieved instance {ds.get('SOPInstanceUID')} has no transfer syntax"
+            )
         ds.save_as(path, write_like_original=False)
 
     def store(self, path: str | os.PathLike) -> None:
