@@ -371,6 +371,13 @@ def test_mask_prediction_loss_terms():
     out = {"logits": good, "iou_predictions": torch.full((2, 1), 0.5)}
     delta = float(MaskPredictionLoss(lambda_iou=1.0)(out, target) - loss(good, target))
     assert delta == pytest.approx(0.25, abs=1e-5)
+    # SAM2's object score: BCE towards "present"
+    scored = {"logits": good, "object_score_logits": torch.full((2, 1), -2.0)}
+    delta = float(MaskPredictionLoss(lambda_iou=0.0)(scored, target) - loss(good, target))
+    assert delta == pytest.approx(float(torch.nn.functional.softplus(torch.tensor(2.0))), abs=1e-5)
+    assert float(MaskPredictionLoss(lambda_object=0.0)(scored, target)) == pytest.approx(
+        float(loss(good, target))
+    )
     with pytest.raises(ValueError, match="differ in shape"):
         loss(good, target[:, :, :4])
     with pytest.raises(ValueError, match=">= 0"):
