@@ -123,3 +123,49 @@ def test_missing_head_checkpoint_is_named(sam2, phantom, tmp_path):
         prompter(phantom[0])
     with pytest.raises(ValueError, match="unknown intensity"):
         AutoPrompter(seg, "brain_mr")
+
+
+@pytest.mark.slow
+def test_ct_bundle_runs_fully_automatically(tmp_path):
+    """train_autoprompt_head.yaml trains the head; inference.yaml --prompt_source auto uses it as the prompter."""
+    import os
+    from pathlib import Path
+
+    import nibabel as nib
+    from monai.bundle import ConfigWorkflow
+
+    configs = Path(__file__).resolve().parents[1] / "bundles" / "sam2_ct_abdominal_organs" / "configs"
+    train = [str(configs / "train.yaml"), str(configs / "train_autoprompt_head.yaml")]
+    infer = [str(configs / "train.yaml"), str(configs / "inference.yaml")]
+    root, data = tmp_path / "bundle", tmp_path / "data"
+    tiny = {"bundle_root": str(root), "dataset_dir": str(data), "num_phantoms": 3, "phantom_shape": [48, 48, 16],
+            "phantom_spacing": [4.3, 4.3, 10.0], "image_size": SIZE, "epochs": 2, "val_interval": 2,
+            "autoprompt_head": "linear", "learning_rates": {"head": 1e-2}}
+    wf = ConfigWorkflow(config_file=train, workflow_type="train", **tiny)
+    wf.initialize()
+    assert wf.check_properties() in (None, []), wf.check_properties()
+    wf.run()
+    head = root / "models" / "autoprompt_head" / "model.pt"
+    state = torch.load(head, map_location="cpu", weights_only=True)
+    state = state.get("model", state)
+    assert state["trainable"] == ["head"] and all(k.startswith("head.") for k in state["weights"])
+
+    single = tmp_path / "single"
+    single.mkdir()
+    os.symlink(data / "imagesTr" / "phantom_ct_000.nii.gz", single / "phantom_ct_000.nii.gz")
+    wf = ConfigWorkflow(config_file=infer, workflow_type="infer", **tiny, prompt_source="auto",
+                        input_dir=str(single), inference_output_dir=str(tmp_path / "pred"))
+    wf.initialize()
+    assert wf.check_properties() in (None, []), wf.check_properties()
+    prompter = wf.parser.get_parsed_content("auto_prompter")
+    assert isinstance(prompter, AutoPrompter) and prompter.checkpoint == str(head)
+    # the memory network's trained parts: this test trains none, so its untrained parts are saved
+    # (stamped with the same frozen encoder) where inference loads them
+    ckpt = wf.parser.get_parsed_content("trainable_checkpoint")
+    torch.save({"model": ckpt.state_dict()}, root / "models" / "model.pt")
+    wf.run()
+    outs = list((tmp_path / "pred").glob("*.nii.gz"))
+    assert [p.name for p in outs] == ["phantom_ct_000_seg_auto_prompts.nii.gz"], "auto prompts are named apart"
+    ref = nib.load(data / "imagesTr" / "phantom_ct_000.nii.gz")
+    pred = nib.load(outs[0])
+    assert pred.shape == ref.shape and np.allclose(pred.affine, ref.affine, atol=1e-4)

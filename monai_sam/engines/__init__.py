@@ -9,6 +9,7 @@ from monai_sam.engines.checkpoint import (
 from monai_sam.engines.evaluator import PRED_LABEL, PromptedVolumeEvaluator
 from monai_sam.engines.feature_cache import FeatureCache, encoder_identity, tensor_content_hash
 from monai_sam.engines.handlers import ClassMetricsWriter, ResumeFromLatest
+from monai_sam.engines.prompt_free_evaluator import PromptFreeVolumeEvaluator, collate_slices, few_shot_datalist
 from monai_sam.engines.trainer import (
     TRAINABLE_PARTS,
     FrozenEncoderNetwork,
@@ -29,10 +30,13 @@ __all__ = [
     "FrozenEncoderNetwork",
     "FrozenEncoderTrainer",
     "PromptedVolumeEvaluator",
+    "PromptFreeVolumeEvaluator",
     "ResumeFromLatest",
     "SequenceSegmentationLoss",
     "TrainableCheckpoint",
     "collate_as_list",
+    "collate_slices",
+    "few_shot_datalist",
     "encoder_identity",
     "encoder_features",
     "freeze_for_training",
