@@ -12,8 +12,10 @@ import torch
 from monai.bundle import ConfigParser, ConfigWorkflow
 from scipy import ndimage
 
+from monai_sam.data import load_volume
 from monai_sam.data.converters import LITS_LABELS, LayoutError, convert_lits
 from monai_sam.data.phantom import make_phantom, write_phantom_dataset
+from monai_sam.transforms import lesion_instances
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "sam2_ct_liver_tumor"
@@ -22,7 +24,8 @@ SCHEMA = REPO.parent / "shared" / "schemas" / "meta_schema_20240725.json"
 TRAIN = str(CONFIGS / "train.yaml")
 EVALUATE = [TRAIN, str(CONFIGS / "evaluate.yaml")]
 INFER = [TRAIN, str(CONFIGS / "inference.yaml")]
-SHAPE, SPACING = (48, 48, 16), (4.3, 4.3, 8.0)
+HEAD = [TRAIN, str(CONFIGS / "train_autoprompt_head.yaml")]
+SHAPE, SPACING = (48, 48, 12), (4.3, 4.3, 8.0)
 
 
 def tiny(root: Path, data: Path, **extra) -> dict:
@@ -61,7 +64,8 @@ def test_metadata_is_valid_against_monai_schema():
     verify_metadata(meta_file=str(CONFIGS / "metadata.json"), filepath=str(SCHEMA))
 
 
-@pytest.mark.parametrize("config,kind", [(TRAIN, "train"), (EVALUATE, "eval"), (INFER, "infer")])
+@pytest.mark.parametrize("config,kind", [(TRAIN, "train"), (EVALUATE, "eval"), (INFER, "infer"),
+                                         (HEAD, "train")])
 def test_workflow_properties_are_complete(tmp_path, config, kind):
     wf = ConfigWorkflow(config_file=config, workflow_type=kind, **tiny(tmp_path / "b", tmp_path / "d"))
     wf.initialize()
@@ -234,6 +238,37 @@ def test_inference_from_labels_and_from_a_prompt_file(trained, tmp_path):
     assert written == [f"{case}_objects.nii.gz", f"{case}_seg.nii.gz"]
     user_seg = np.asarray(nib.load(user / f"{case}_seg.nii.gz").dataobj)
     assert set(np.unique(user_seg).tolist()) <= {0, 2}
+
+
+@pytest.mark.slow
+def test_automatic_mode_trains_a_head_then_prompts_each_lesion_it_finds(trained):
+    base, trained_wf = trained
+    name, label_file = _validation_case(trained_wf)
+    root = base / "bundle"
+    head = workflow(HEAD, "train", **tiny(root, base / "data", autoprompt_head="linear", slices_per_volume=3))
+    head.run()
+    assert (root / "models" / "autoprompt_head" / "model.pt").exists()
+    # the head's own validation: its prediction judged per class and lesion by lesion, apart
+    head_val = root / "eval" / "autoprompt_head" / "validation"
+    assert {r["prompt_source"] for r in _rows(head_val / "lesions.csv")} == {"none"}
+    assert len(_rows(head_val / "lesions.csv")) == len(_lesions(label_file))
+
+    auto_run = tiny(root, base / "data", autoprompt_head="linear", prompt_source="auto")
+    wf = workflow(EVALUATE, "eval", **auto_run)
+    wf.run()
+    auto = root / "eval" / "auto"
+    classes = _rows(auto / "metrics_per_case.csv")
+    assert [(r["case"], r["prompt_source"]) for r in classes] == [(name, "auto")] * 2
+    lesions = _rows(auto / "lesions.csv")
+    assert len(lesions) == len(_lesions(label_file)) and {r["prompt_source"] for r in lesions} == {"auto"}
+    # the prompts were the head's: the liver, then one object per component of its tumour prediction
+    (item,) = wf.parser.get_parsed_content("validate#dataset")
+    prompter = wf.parser.get_parsed_content("auto_prompter")
+    image = load_volume(base / "data" / "imagesTr" / f"{name}.nii.gz")
+    n = len(lesion_instances(prompter.predict(image), 2, SPACING)[1])
+    got = [(p.object_id, p.key_slices) for p in item["prompts"]]
+    assert got == [(p.object_id, p.key_slices) for p in prompter(image)]
+    assert [i for i, _ in got if i >= 100] == list(range(100, 100 + n))
 
 
 def test_phantom_dataset_for_the_bundle_has_the_tumours_asked_for(tmp_path):

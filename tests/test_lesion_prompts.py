@@ -230,3 +230,62 @@ def test_lesion_metrics_writer_writes_per_lesion_per_case_and_summary_tables(tmp
     writer.attach(again)
     again.run(outs[1:], max_epochs=2)
     assert len(list(csv.DictReader((tmp_path / "eval" / "lesions.csv").open()))) == 1
+
+
+# ------------------------------------------------------------------------ automatic mode
+
+
+@pytest.fixture(scope="module")
+def head():
+    """An untrained linear prompt-free head for liver (1) and tumour (2) on a tiny SAM2 encoder."""
+    from monai_sam.networks import PromptFreeSamSegmenter, build_sam2_model
+
+    torch.manual_seed(0)
+    sam2 = build_sam2_model("sam2.1_hiera_t", image_size=128)
+    return PromptFreeSamSegmenter(sam2, "linear", [LIVER, TUMOR], label_names={1: "liver", 2: "liver_tumor"})
+
+
+def test_auto_prompts_seed_one_object_per_predicted_lesion(head):
+    from monai_sam.inferers.lesion_auto_prompt import LesionAutoPrompter
+
+    predicted = _liver_with_tumours().astype(np.int64)  # what the head "predicts": 3 lesions + a speck
+    prompter = LesionAutoPrompter(head, lesion_label=TUMOR, lesion_name="liver_tumor", intensity=None)
+    objects = prompter.prompts_from_label(predicted, "case", spacing=(1.0, 1.0, 1.0))
+    assert [o.object_id for o in objects] == [1, 100, 101, 102, 103]
+    assert [o.name for o in objects] == ["liver", "liver_tumor_1", "liver_tumor_2", "liver_tumor_3",
+                                         "liver_tumor_4"]
+    comps, _ = ndimage.label(predicted == TUMOR, structure=np.ones((3, 3, 3)))
+    for o in objects[1:]:
+        (sp,) = o.slices
+        lesion = comps == o.object_id - 99
+        assert sp.kind == "mask" and np.array_equal(sp.mask, lesion[..., sp.slice_index])
+        assert lesion[..., sp.slice_index].sum() == lesion.sum(axis=(0, 1)).max()  # its largest slice
+    # the liver prompt is the organ's own (the tumours are not part of it)
+    assert not (objects[0].slices[0].mask & (predicted[..., objects[0].key_slices[0]] == TUMOR)).any()
+    # stray voxels are not lesions; a cap keeps the largest, numbered from 100 again; boxes on request
+    big = LesionAutoPrompter(head, lesion_label=TUMOR, intensity=None, prompt="box", min_lesion_volume_mm3=20,
+                             max_lesions=2).prompts_from_label(predicted, "case", spacing=(1.0, 1.0, 1.0))
+    assert [o.object_id for o in big] == [1, 100, 101] and all(o.slices[0].kind == "box" for o in big)
+    assert [int(o.slices[0].box[2] - o.slices[0].box[0]) for o in big[1:]] == [5, 10]  # 6 and 11 columns
+    with pytest.raises(ValueError, match="lesion_label 3"):
+        LesionAutoPrompter(head, lesion_label=3)
+
+
+def test_auto_prompter_runs_the_head_on_a_volume(head, phantom_three_lesions):
+    """The whole contract on an image as load_volume gives it (untrained head: any number of lesions)."""
+    from monai_sam.inferers.lesion_auto_prompt import LesionAutoPrompter
+    from monai_sam.prompts import validate_prompts
+
+    ph, _ = phantom_three_lesions
+    image = MetaTensor(torch.as_tensor(ph.image[None]), affine=torch.as_tensor(ph.affine),
+                       meta={"filename_or_obj": "phantom.nii.gz"})
+    prompter = LesionAutoPrompter(head, lesion_label=TUMOR, intensity="liver", image_size=128,
+                                  candidate_stride=2, min_area=1)
+    predicted = prompter.predict(image)
+    objects = prompter(image)
+    assert predicted.shape == ph.label.shape and not predicted[..., 1::2].any()  # every 2nd slice only
+    n = len(lesion_instances(predicted[..., ::2], TUMOR, (4.3, 4.3, 16.0))[1])
+    assert sum(o.object_id >= 100 for o in objects) == n
+    assert all(o.key_slices[0] % 2 == 0 for o in objects)
+    if objects:
+        validate_prompts(objects, ph.label.shape[:2], ph.label.shape[2], "auto")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,6 @@ from monai_sam.evaluation.lesions import (
 )
 from monai_sam.inferers.memory_propagation import logits_to_label
 from monai_sam.networks.sam2_volume import frames_from_sam_input
-from monai_sam.prompts import ObjectPrompts
 from monai_sam.transforms.lesions import FIRST_LESION_ID, merge_lesions
 
 __all__ = ["LesionMetricsWriter", "LesionVolumeEvaluator", "OBJECT_LABEL", "PROMPT_SOURCE"]
@@ -78,9 +77,9 @@ class LesionVolumeEvaluator(PromptedVolumeEvaluator):
         lesion_label: the tumour class every lesion object is merged into.
         first_lesion_id: object ids from this one up are lesions.
         prompt_source: written to every output (`PROMPT_SOURCE`): "oracle" for prompts drawn
-            from the reference labels, "user" for prompt files; reported apart, never mixed.
-        auto_prompter: optional ``callable(item) -> list[ObjectPrompts]`` giving the prompts
-            of an item instead of ``item["prompts"]`` (the automatic mode).
+            from the reference labels, "user" for prompt files, "auto" for a prompt-free head's
+            (`monai_sam.inferers.AutoPromptd` in the preprocessing); reported apart, never mixed.
+            An item with no prompt at all (the head found nothing) gets an empty prediction.
         Other arguments are `PromptedVolumeEvaluator`'s.
     """
 
@@ -93,7 +92,6 @@ class LesionVolumeEvaluator(PromptedVolumeEvaluator):
         lesion_label: int = 2,
         first_lesion_id: int = FIRST_LESION_ID,
         prompt_source: str = "oracle",
-        auto_prompter: Callable[[dict], Sequence[ObjectPrompts]] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(device, val_data_loader, network, num_classes, **kwargs)
@@ -102,7 +100,6 @@ class LesionVolumeEvaluator(PromptedVolumeEvaluator):
         self.lesion_label = int(lesion_label)
         self.first_lesion_id = int(first_lesion_id)
         self.prompt_source = str(prompt_source)
-        self.auto_prompter = auto_prompter
 
     def _iteration(self, engine, batchdata: list[dict]) -> dict[str, Any]:  # type: ignore[override]
         if len(batchdata) != 1:
@@ -111,7 +108,7 @@ class LesionVolumeEvaluator(PromptedVolumeEvaluator):
         seg = self.network
         seg.eval()
         image, label = item[CommonKeys.IMAGE], item[CommonKeys.LABEL]
-        prompts = list(self.auto_prompter(item) if self.auto_prompter is not None else item["prompts"])
+        prompts = list(item["prompts"])
         hw = tuple(int(v) for v in label.shape[-3:-1])
         num_slices = int(label.shape[-1])
         if prompts:
@@ -123,7 +120,7 @@ class LesionVolumeEvaluator(PromptedVolumeEvaluator):
                                    output_size=hw, features=features)
             ids = [p.object_id for p in prompts]
             objects = logits_to_label(logits.permute(0, 2, 3, 1), ids, self.threshold)
-        else:  # nothing to segment (e.g. the automatic mode found nothing): an empty prediction
+        else:  # nothing to segment (the automatic mode found nothing): an empty prediction
             objects = torch.zeros((*hw, num_slices))
         objects = objects[None].to(label.device)  # (1, H, W, T)
         pred = merge_lesions(objects, self.lesion_label, self.first_lesion_id)
