@@ -368,3 +368,19 @@ def test_synthetic_dataset_loads_with_rows_vertical(tmp_path):
     )
     r0, c0, r1, c1 = out["roi"]
     assert out["label"].shape[1:] == (r1 - r0, c1 - c0) and out["roi_source_shape"] == [96, 96]
+
+
+def test_existing_folder_without_dataset_json_is_not_filled_with_synthetic_data(tmp_path):
+    from monai.bundle import ConfigParser
+
+    data = tmp_path / "refuge_raw"
+    data.mkdir()
+    (data / "g0001.jpg").write_bytes(b"not converted yet")
+    parser = ConfigParser()
+    parser.read_config(TRAIN)
+    parser.update({"bundle_root": str(tmp_path / "b"), "dataset_dir": str(data)})
+    with pytest.raises(RuntimeError) as err:  # MONAI's config wraps the cause, which names the file
+        parser.get_parsed_content("split")
+    assert isinstance(err.value.__cause__, FileNotFoundError)
+    assert f"dataset json not found: {data / 'dataset.json'}" in str(err.value.__cause__)
+    assert sorted(p.name for p in data.iterdir()) == ["g0001.jpg"]
