@@ -9,6 +9,8 @@ from monai_sam.engines.checkpoint import (
 from monai_sam.engines.evaluator import PRED_LABEL, PromptedVolumeEvaluator
 from monai_sam.engines.feature_cache import FeatureCache, encoder_identity, tensor_content_hash
 from monai_sam.engines.handlers import ClassMetricsWriter, ResumeFromLatest
+from monai_sam.engines.image_evaluator import DiscCupMetricsWriter, LabelPngWriter, PromptedImageEvaluator
+from monai_sam.engines.mask_loss import MaskPredictionLoss
 from monai_sam.engines.prompt_free_evaluator import PromptFreeVolumeEvaluator, collate_slices, few_shot_datalist
 from monai_sam.engines.trainer import (
     TRAINABLE_PARTS,
@@ -26,6 +28,10 @@ __all__ = [
     "TRAINABLE_PARTS",
     "CheckpointMismatchError",
     "ClassMetricsWriter",
+    "DiscCupMetricsWriter",
+    "LabelPngWriter",
+    "MaskPredictionLoss",
+    "PromptedImageEvaluator",
     "FeatureCache",
     "FrozenEncoderNetwork",
     "FrozenEncoderTrainer",
