@@ -20,12 +20,13 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from ignite.engine import Engine, Events
 from monai.networks.utils import one_hot
 from monai.utils import CommonKeys
 
 from monai_sam.engines.evaluator import PRED_LABEL, PromptedVolumeEvaluator
-from monai_sam.engines.trainer import plain_tensor
+from monai_sam.engines.trainer import encoder_features, plain_tensor
 from monai_sam.evaluation.lesions import (
     SIZE_BINS,
     CaseLesionSummary,
@@ -46,20 +47,6 @@ logger = logging.getLogger(__name__)
 
 OBJECT_LABEL = "pred_objects"  # the predicted object map (one id per lesion), beside the class map
 PROMPT_SOURCE = "prompt_source"  # where an iteration's prompts came from: "oracle", "user", "auto"
-
-
-def _encoder_features(seg, frames: torch.Tensor, device, cache) -> Any:
-    """Cached encoder outputs through the trainer's helper (the frozen-encoder protocol)."""
-    try:
-        from monai_sam.engines.trainer import encoder_features
-    except ImportError:  # the trainer before the protocol: its private per-slice helpers
-        from monai_sam.engines.trainer import _split_slices, _stack_slices  # type: ignore[attr-defined]
-
-        per_slice = cache.get_or_compute(
-            frames.cpu(), lambda x: _split_slices(seg.encode(x.to(device))), seg.encoder_batch_size
-        )
-        return _stack_slices(per_slice, seg, device)
-    return encoder_features(seg, frames, device, cache)
 
 
 class LesionVolumeEvaluator(PromptedVolumeEvaluator):
@@ -115,7 +102,7 @@ class LesionVolumeEvaluator(PromptedVolumeEvaluator):
             frames = frames_from_sam_input(plain_tensor(image))
             features = None
             if self.feature_cache is not None:
-                features = _encoder_features(seg, frames, self.state.device, self.feature_cache)
+                features = encoder_features(seg, frames, self.state.device, self.feature_cache)
             logits = seg.propagate(None if features is not None else frames, prompts, original_size=hw,
                                    output_size=hw, features=features)
             ids = [p.object_id for p in prompts]
@@ -160,7 +147,8 @@ class LesionMetricsWriter:
 
     The "all" row also goes to ``engine.state.metrics`` as ``lesion_sensitivity``,
     ``lesion_fp_per_case``, ``lesion_dice`` and ``tumor_voxel_dice`` (for MONAI's stats
-    handlers, which must be attached after this one to show them).
+    handlers, which must be attached after this one to show them). Under DDP attach it on every
+    rank: the cases of all ranks are gathered, rank 0 writes.
 
     Args:
         output_dir: where the tables go.
@@ -220,12 +208,12 @@ class LesionMetricsWriter:
         self.cases.append(m.summary)
 
     def _write(self, engine: Engine) -> None:
+        # under DDP every rank matched its own share of the cases: all ranks get every case's
+        # rows (the logged metrics agree), rank 0 writes the tables
+        self.rows, self.cases = _gather_across_ranks((self.rows, self.cases))
         if not self.cases:
             return
         self.summary = summarize_lesions(self.rows, self.cases)
-        write_lesions_csv(self.rows, self.output_dir / f"{self.prefix}lesions.csv")
-        write_lesion_cases_csv(self.cases, self.output_dir / f"{self.prefix}lesion_cases.csv")
-        write_lesion_summary_csv(self.summary, self.output_dir / f"{self.prefix}lesion_summary.csv")
         overall = [r for r in self.summary if r["size_bin"] == "all"]
         if len(overall) == 1:
             row = overall[0]
@@ -233,6 +221,11 @@ class LesionMetricsWriter:
                 lesion_sensitivity=row["sensitivity"], lesion_fp_per_case=row["fp_per_case"],
                 lesion_dice=row["lesion_dice"], tumor_voxel_dice=row["voxel_dice"],
             )  # fmt: skip
+        if dist.is_available() and dist.is_initialized() and dist.get_rank() > 0:
+            return
+        write_lesions_csv(self.rows, self.output_dir / f"{self.prefix}lesions.csv")
+        write_lesion_cases_csv(self.cases, self.output_dir / f"{self.prefix}lesion_cases.csv")
+        write_lesion_summary_csv(self.summary, self.output_dir / f"{self.prefix}lesion_summary.csv")
         logger.info("lesion-level metrics over %d case(s):\n%s", len(self.cases), lesion_table(self.summary))
 
 
@@ -252,6 +245,15 @@ def _fmt(v: float, width: int = 8) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return f"{'n/a':>{width}}"
     return f"{v:>{width}.3f}"
+
+
+def _gather_across_ranks(part: tuple[list, list]) -> tuple[list, list]:
+    """``(rows, cases)`` of every rank, rank by rank (one rank, or no DDP: as given)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return part
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, part)
+    return [r for rows, _ in gathered for r in rows], [c for _, cases in gathered for c in cases]
 
 
 def _spacing(affine: Any) -> list[float]:
