@@ -95,7 +95,9 @@ def make_case(folder: Path, shape: tuple[int, int, int], seed: int) -> dict:
     k1 = centre_k - z0
     k2 = min(k1 + 4, nz - 1)
     if k2 == k1 or not (label[..., k2] == LIVER).any():
-        raise RuntimeError(f"phantom seed {seed}: no liver 4 slices after its largest slice; try another --seed")
+        raise RuntimeError(
+            f"phantom seed {seed}: no liver 4 slices after its largest slice; try another --seed"
+        )
 
     def centre(k: int) -> list[int]:
         ii, jj = np.nonzero(label[..., k] == LIVER)
@@ -140,7 +142,10 @@ def _label_stats(path: str) -> dict:
     import nibabel as nib
 
     arr = np.asarray(nib.load(path).dataobj)
-    return {"foreground_voxels": int((arr > 0).sum()), "slices_with_label": int((arr > 0).any(axis=(0, 1)).sum())}
+    return {
+        "foreground_voxels": int((arr > 0).sum()),
+        "slices_with_label": int((arr > 0).any(axis=(0, 1)).sum()),
+    }
 
 
 def worker_ours(opts: argparse.Namespace, case: dict, weights: Path) -> dict:
@@ -149,8 +154,13 @@ def worker_ours(opts: argparse.Namespace, case: dict, weights: Path) -> dict:
 
     engine = Sam2LabelEngine(
         LabelModelSettings(
-            checkpoint=str(weights), model_size=opts.size, image_size=opts.image_size, window="abdomen",
-            label_names={1: "liver"}, device=opts.device, encoder_batch_size=opts.encoder_batch_size,
+            checkpoint=str(weights),
+            model_size=opts.size,
+            image_size=opts.image_size,
+            window="abdomen",
+            label_names={1: "liver"},
+            device=opts.device,
+            encoder_batch_size=opts.encoder_batch_size,
         )
     )
     task = InteractiveSam2Infer(engine)
@@ -196,7 +206,9 @@ def worker(opts: argparse.Namespace) -> None:
     print("RESULT " + json.dumps(result), flush=True)
 
 
-def run_worker(kind: str, size: str, case_file: Path, weights: Path, opts: argparse.Namespace, tmp: Path) -> dict:
+def run_worker(
+    kind: str, size: str, case_file: Path, weights: Path, opts: argparse.Namespace, tmp: Path
+) -> dict:
     pt_name, cfg_name = CONFIG_NAMES[size]
     env = {
         **os.environ,
@@ -206,17 +218,34 @@ def run_worker(kind: str, size: str, case_file: Path, weights: Path, opts: argpa
         "MONAI_LABEL_DATASTORE_CACHE_PATH": str(tmp / f"mlcache_{kind}"),
     }
     cmd = [
-        sys.executable, __file__, "--worker", kind, "--case", str(case_file), "--weights", str(weights),
-        "--size", size, "--image-size", str(opts.image_size), "--device", opts.device,
-        "--threads", str(opts.threads), "--encoder-batch-size", str(opts.encoder_batch_size),
+        sys.executable,
+        __file__,
+        "--worker",
+        kind,
+        "--case",
+        str(case_file),
+        "--weights",
+        str(weights),
+        "--size",
+        size,
+        "--image-size",
+        str(opts.image_size),
+        "--device",
+        opts.device,
+        "--threads",
+        str(opts.threads),
+        "--encoder-batch-size",
+        str(opts.encoder_batch_size),
     ]
     load_before = os.getloadavg()[0]
     logger.info("running %s (%s, %d px)", kind, size, opts.image_size)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tmp)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"{kind} worker failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    result = json.loads(lines[-1][len("RESULT "):])
+        raise RuntimeError(
+            f"{kind} worker failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+        )
+    result = json.loads(lines[-1][len("RESULT ") :])
     result["load_before"] = load_before
     logger.info("%s: first %.1f s, second %.1f s", kind, result["first_s"], result["second_s"])
     return result
@@ -281,7 +310,9 @@ def write_json(path: Path, doc: dict) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--sizes", nargs="+", default=["sam2.1_hiera_t", "sam2.1_hiera_l"], choices=sorted(CONFIG_NAMES))
+    p.add_argument(
+        "--sizes", nargs="+", default=["sam2.1_hiera_t", "sam2.1_hiera_l"], choices=sorted(CONFIG_NAMES)
+    )
     p.add_argument("--image-size", type=int, default=512)
     p.add_argument("--shape", type=int, nargs=3, default=[256, 256, 24], metavar=("X", "Y", "Z"))
     p.add_argument("--device", default="cpu")
@@ -315,28 +346,30 @@ def main() -> None:
             weights, _ = make_weights(wdir, size, opts.image_size)
             ours = run_worker("ours", size, case_file, weights, opts, tmp)
             builtin = run_worker("builtin", size, case_file, weights, opts, tmp)
-            entries.append({
-                "device": device_name(opts.device, opts.threads),
-                "size": size,
-                "image_size": opts.image_size,
-                "volume": list(opts.shape),
-                "clicks": case["clicks"],
-                "ours": ours,
-                "builtin": builtin,
-                "second_click_speedup": builtin["second_s"] / ours["second_s"],
-                "first_click_speedup": builtin["first_s"] / ours["first_s"],
-                "command": command.strip(),
-            })
+            entries.append(
+                {
+                    "device": device_name(opts.device, opts.threads),
+                    "size": size,
+                    "image_size": opts.image_size,
+                    "volume": list(opts.shape),
+                    "clicks": case["clicks"],
+                    "ours": ours,
+                    "builtin": builtin,
+                    "second_click_speedup": builtin["second_s"] / ours["second_s"],
+                    "first_click_speedup": builtin["first_s"] / ours["first_s"],
+                    "command": command.strip(),
+                }
+            )
             shutil.rmtree(wdir)
     headline = next((e for e in entries if e["size"] == "sam2.1_hiera_l"), entries[0])
     doc = {
-        "benchmark": "MONAI Label: first and second click on one 3D image, monai_sam_interactive vs built-in sam_3d",
+        "benchmark": "MONAI Label, first and second click on one 3D image: monai_sam_interactive vs sam_3d",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "second_click_speedup": headline["second_click_speedup"],
         "headline_size": headline["size"],
         "second_click_speedup_by_size": {e["size"]: e["second_click_speedup"] for e in entries},
         "target": "second click at least 5x faster than the built-in sam_3d",
-        "weights": "random init saved in the official checkpoint format (speed does not depend on the values)",
+        "weights": "random init in the official checkpoint format (speed does not depend on the values)",
         "runs": entries,
     }
     write_json(opts.output, doc)

@@ -90,8 +90,13 @@ def checkpoint(tmp_path_factory) -> Path:
 
 def _conf(checkpoint: Path, **extra) -> dict[str, str]:
     return {
-        "bundle": "none", "checkpoint": str(checkpoint), "image_size": str(S), "labels": "liver,spleen",
-        "window": "abdomen", "encoder_batch_size": "8", **{k: str(v) for k, v in extra.items()},
+        "bundle": "none",
+        "checkpoint": str(checkpoint),
+        "image_size": str(S),
+        "labels": "liver,spleen",
+        "window": "abdomen",
+        "encoder_batch_size": "8",
+        **{k: str(v) for k, v in extra.items()},
     }
 
 
@@ -114,7 +119,12 @@ def _other_slice_voxel(label: np.ndarray, organ: int, k: int) -> list[int]:
 def _library_label(image: Path, checkpoint: Path, objects: list[ObjectPrompts]) -> np.ndarray:
     """The same segmentation through the library's one call (same weights, same prompts)."""
     out = segment_volume(
-        image, objects, checkpoint=str(checkpoint), image_size=S, window="abdomen", device="cpu",
+        image,
+        objects,
+        checkpoint=str(checkpoint),
+        image_size=S,
+        window="abdomen",
+        device="cpu",
         encoder_batch_size=8,
     )
     return out.numpy()[0].astype(np.int32)
@@ -166,7 +176,9 @@ def test_a_click_on_an_organ_voxel_lands_on_that_organ(studies, checkpoint):
     label = labels["ct_a"]
     engine = Sam2LabelEngine(LabelModelSettings(checkpoint=str(checkpoint), image_size=S))
     stored, ras = engine.load_image(root / "ct_a.nii.gz")
-    ras_label = Orientation(axcodes="RAS", labels=None)(MetaTensor(torch.as_tensor(label)[None], affine=stored.affine))[0].numpy()
+    ras_label = Orientation(axcodes="RAS", labels=None)(
+        MetaTensor(torch.as_tensor(label)[None], affine=stored.affine)
+    )[0].numpy()
     vmap = engine._geometry(stored, ras, "ct_a").vmap
     liver, spleen = _organ_voxel(label, LIVER), _organ_voxel(label, SPLEEN)
     assert label[tuple(liver)] == LIVER and label[tuple(spleen)] == SPLEEN
@@ -175,13 +187,21 @@ def test_a_click_on_an_organ_voxel_lands_on_that_organ(studies, checkpoint):
     parsed = parse_request({"liver": [liver], "spleen": [spleen], "background": [background]}, vmap, LABELS)
     assert [o.object_id for o in parsed.objects] == [LIVER, SPLEEN]
     for obj, click, organ in ((parsed.objects[0], liver, LIVER), (parsed.objects[1], spleen, SPLEEN)):
-        positive = [(p.slice_index, pt) for p in obj.slices for pt, lab in zip(p.points, p.point_labels) if lab == 1]
+        clicks = [
+            (p.slice_index, pt, lab)
+            for p in obj.slices
+            for pt, lab in zip(p.points, p.point_labels, strict=True)
+        ]
+        positive = [(k, pt) for k, pt, lab in clicks if lab == 1]
         assert len(positive) == 1
         k, (x, y) = positive[0]
         assert ras_label[int(y), int(x), k] == organ  # SAM point: x = column j, y = row i
         assert (k, [x, y]) == _ras_prompt(click)
-        negatives = [pt for p in obj.slices for pt, lab in zip(p.points, p.point_labels) if lab == 0]
-        assert len(negatives) == 1 and ras_label[int(negatives[0][1]), int(negatives[0][0]), _ras_prompt(background)[0]] == 0
+        negatives = [pt for _, pt, lab in clicks if lab == 0]
+        assert (
+            len(negatives) == 1
+            and ras_label[int(negatives[0][1]), int(negatives[0][0]), _ras_prompt(background)[0]] == 0
+        )
     # Slicer/OHIF deepgrow style: foreground/background for the selected label
     parsed = parse_request({"foreground": [spleen], "background": [], "label": "spleen"}, vmap, LABELS)
     assert [(o.object_id, o.name) for o in parsed.objects] == [(SPLEEN, "spleen")]
@@ -191,7 +211,9 @@ def test_roi_becomes_a_box_on_its_middle_slice_and_bounds_the_output(studies):
     root, labels = studies
     label = labels["ct_a"]
     img = nib.load(str(root / "ct_a.nii.gz"))
-    ras_affine = img.affine @ np.array([[-1, 0, 0, SHAPE[0] - 1], [0, 1, 0, 0], [0, 0, -1, SHAPE[2] - 1], [0, 0, 0, 1]])
+    ras_affine = img.affine @ np.array(
+        [[-1, 0, 0, SHAPE[0] - 1], [0, 1, 0, 0], [0, 0, -1, SHAPE[2] - 1], [0, 0, 0, 1]]
+    )
     vmap = VoxelMap.from_affines(img.affine, ras_affine, SHAPE)
     ii, jj, kk = np.nonzero(label == LIVER)
     roi = [int(ii.min()), int(jj.min()), int(ii.max()), int(jj.max()), int(kk.min()), int(kk.max())]
@@ -294,7 +316,9 @@ def test_interactive_task_equals_the_library_call_and_reuses_features(app, studi
     first, params = _infer(app, {"foreground": [liver], "label": "liver"})
     assert params["feature_cache"] == "miss" and params["label_names"] == {"liver": LIVER}
     k, point = _ras_prompt(liver)
-    expected = _library_label(root / "ct_a.nii.gz", checkpoint, [ObjectPrompts(LIVER, "liver", [SlicePrompt(k, points=[point])])])
+    expected = _library_label(
+        root / "ct_a.nii.gz", checkpoint, [ObjectPrompts(LIVER, "liver", [SlicePrompt(k, points=[point])])]
+    )
     np.testing.assert_array_equal(first, expected)
     assert first.shape == SHAPE and set(np.unique(first)) <= {0, LIVER}
     encoded = app.engine.store.stats.encoded_slices
@@ -310,7 +334,8 @@ def test_interactive_task_equals_the_library_call_and_reuses_features(app, studi
     assert app.engine.store.stats.encoded_slices == encoded and app.engine.store.stats.hits == 1
     k2, point2 = _ras_prompt(other)
     expected = _library_label(
-        root / "ct_a.nii.gz", checkpoint,
+        root / "ct_a.nii.gz",
+        checkpoint,
         [ObjectPrompts(LIVER, "liver", [SlicePrompt(k, points=[point]), SlicePrompt(k2, points=[point2])])],
     )
     np.testing.assert_array_equal(second, expected)
@@ -320,10 +345,16 @@ def test_interactive_task_equals_the_library_call_and_reuses_features(app, studi
 
 def test_labels_are_saved_to_the_folder_datastore(app, studies):
     root, labels = studies
-    res = app.infer({
-        "model": "monai_sam_interactive", "image": "ct_a", "foreground": [_organ_voxel(labels["ct_a"], SPLEEN)],
-        "label": "spleen", "save_label": True, "label_tag": "original",
-    })
+    res = app.infer(
+        {
+            "model": "monai_sam_interactive",
+            "image": "ct_a",
+            "foreground": [_organ_voxel(labels["ct_a"], SPLEEN)],
+            "label": "spleen",
+            "save_label": True,
+            "label_tag": "original",
+        }
+    )
     saved = Path(app.datastore().get_label_uri(res["label"], "original"))
     assert saved.is_file() and saved.parent == root / "labels" / "original"
     img = nib.load(str(saved))
@@ -342,15 +373,24 @@ def test_roi_request_is_bounded_by_the_roi(app, studies):
     assert not out[~inside].any()
 
 
-def _bundle_copy(tmp: Path, **yaml_overrides) -> Path:
-    """The CT bundle's configs in a temp folder (its models/ and caches stay there)."""
+def _bundle_copy(tmp: Path, auto_prompter: str | None = None, **train_overrides) -> Path:
+    """The CT bundle's configs in a temp folder (its models/ and caches stay there).
+
+    ``auto_prompter``: the inference.yaml value to set, or None to leave the bundle without
+    automatic mode whatever the CT bundle's own configs say.
+    """
     dst = tmp / "bundle"
     shutil.copytree(CT_BUNDLE / "configs", dst / "configs")
-    if yaml_overrides:
-        train = dst / "configs" / "train.yaml"
-        doc = yaml.safe_load(train.read_text())
-        doc.update(yaml_overrides)
-        train.write_text(yaml.safe_dump(doc, sort_keys=False))
+    train = dst / "configs" / "train.yaml"
+    doc = yaml.safe_load(train.read_text())
+    doc.update(train_overrides)
+    train.write_text(yaml.safe_dump(doc, sort_keys=False))
+    infer = dst / "configs" / "inference.yaml"
+    doc = yaml.safe_load(infer.read_text())
+    doc.pop("auto_prompter", None)
+    if auto_prompter is not None:
+        doc["auto_prompter"] = auto_prompter
+    infer.write_text(yaml.safe_dump(doc, sort_keys=False))
     return dst
 
 
@@ -359,24 +399,31 @@ def test_automatic_task_only_when_the_bundle_has_an_auto_prompter(tmp_path, stud
 
     root, labels = studies
     bundle = _bundle_copy(tmp_path / "plain", image_size=S)
-    plain = MonaiSamLabelApp(str(tmp_path / "app1"), str(root), {"bundle": str(bundle), "checkpoint": str(checkpoint)})
+    plain = MonaiSamLabelApp(
+        str(tmp_path / "app1"), str(root), {"bundle": str(bundle), "checkpoint": str(checkpoint)}
+    )
     assert "monai_sam_auto" not in plain.info()["models"]
     assert list(plain.info()["labels"])[:2] == ["liver", "spleen"]  # the bundle's label map
 
     # a bundle whose inference.yaml defines auto_prompter (here: a fixed box, as a head would give)
-    bundle = _bundle_copy(tmp_path / "auto", image_size=S)
     k, box = 4, [10.0, 12.0, 30.0, 34.0]
-    with open(bundle / "configs" / "inference.yaml", "a") as fp:
-        fp.write(
-            "\nauto_prompter: \"$lambda image: [monai_sam.prompts.ObjectPrompts(1, 'liver', "
-            f"[monai_sam.prompts.SlicePrompt({k}, box={box})])]\"\n"
-        )
-    auto = MonaiSamLabelApp(str(tmp_path / "app2"), str(root), {"bundle": str(bundle), "checkpoint": str(checkpoint)})
+    prompter = (
+        "$lambda image: [monai_sam.prompts.ObjectPrompts(1, 'liver', "
+        f"[monai_sam.prompts.SlicePrompt({k}, box={box})])]"
+    )
+    bundle = _bundle_copy(tmp_path / "auto", auto_prompter=prompter, image_size=S)
+    auto = MonaiSamLabelApp(
+        str(tmp_path / "app2"), str(root), {"bundle": str(bundle), "checkpoint": str(checkpoint)}
+    )
     assert auto.info()["models"]["monai_sam_auto"]["type"] == "segmentation"
     res = auto.infer({"model": "monai_sam_auto", "image": "ct_b"})
     out = np.asarray(nib.load(res["file"]).dataobj).astype(np.int32)
-    assert res["params"]["prompt_source"] == "auto" and res["params"]["prompts"]["1"]["conditioning_slices"] == {str(k): "box"}
-    expected = _library_label(root / "ct_b.nii.gz", checkpoint, [ObjectPrompts(1, "liver", [SlicePrompt(k, box=box)])])
+    assert res["params"]["prompt_source"] == "auto" and res["params"]["prompts"]["1"][
+        "conditioning_slices"
+    ] == {str(k): "box"}
+    expected = _library_label(
+        root / "ct_b.nii.gz", checkpoint, [ObjectPrompts(1, "liver", [SlicePrompt(k, box=box)])]
+    )
     np.testing.assert_array_equal(out, expected)
 
 
@@ -387,7 +434,9 @@ def test_train_task_runs_the_bundle_workflow_on_the_datastore_labels(tmp_path, s
 
     root, _ = studies
     bundle = _bundle_copy(tmp_path, image_size=S, num_slices=4, batch_size=2, val_interval=1)
-    app = MonaiSamLabelApp(str(tmp_path / "app"), str(root), {"bundle": str(bundle), "checkpoint": str(checkpoint)})
+    app = MonaiSamLabelApp(
+        str(tmp_path / "app"), str(root), {"bundle": str(bundle), "checkpoint": str(checkpoint)}
+    )
     assert set(app.info()["trainers"]) == {"bundle"}
     assert len(app.datastore().datalist()) == 2
     app.train({"model": "bundle", "max_epochs": 1, "val_split": 0.5, "device": "cpu", "pretrained": True})
@@ -398,7 +447,9 @@ def test_train_task_runs_the_bundle_workflow_on_the_datastore_labels(tmp_path, s
     assert state["format"].startswith("monai-sam trainable parts") and state["weights"]
     assert list((bundle / "models").glob("checkpoint_epoch=1.pt"))
     # the infer task now serves the trained parts over the same frozen encoder
-    res = app.infer({"model": "monai_sam_interactive", "image": "ct_b", "foreground": [[20, 20, 5]], "label": "liver"})
+    res = app.infer(
+        {"model": "monai_sam_interactive", "image": "ct_b", "foreground": [[20, 20, 5]], "label": "liver"}
+    )
     os.unlink(res["file"])
     assert "trained parts" in app.info()["monai_sam"]["weights"]["source"]
     # a second round fine-tunes from that model.pt (pretrained) instead of starting over
@@ -433,8 +484,18 @@ def server(studies, checkpoint, tmp_path_factory):
     port = _free_port()
     conf = {**_conf(checkpoint), "bundle": str(bundle)}
     conf.pop("labels")  # the bundle's label map
-    cmd = [*_monailabel(), "start_server", "--app", str(APP_DIR), "--studies", str(root),
-           "--host", "127.0.0.1", "--port", str(port)]
+    cmd = [
+        *_monailabel(),
+        "start_server",
+        "--app",
+        str(APP_DIR),
+        "--studies",
+        str(root),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     for k, v in conf.items():
         cmd += ["--conf", k, v]
     env = {
@@ -445,7 +506,9 @@ def server(studies, checkpoint, tmp_path_factory):
         "MONAI_LABEL_SESSION_PATH": str(tmp / "sessions"),
     }
     log = open(tmp / "server.log", "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp, start_new_session=True
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         import requests
@@ -453,14 +516,18 @@ def server(studies, checkpoint, tmp_path_factory):
         deadline = time.monotonic() + 120
         while True:
             if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{(tmp / 'server.log').read_text()[-3000:]}")
+                pytest.fail(
+                    f"server exited with {proc.returncode}:\n{(tmp / 'server.log').read_text()[-3000:]}"
+                )
             try:
                 if requests.get(f"{url}/info/", timeout=5).status_code == 200:
                     break
             except requests.RequestException:
                 pass
             if time.monotonic() > deadline:
-                pytest.fail(f"server did not answer /info in 120 s:\n{(tmp / 'server.log').read_text()[-3000:]}")
+                pytest.fail(
+                    f"server did not answer /info in 120 s:\n{(tmp / 'server.log').read_text()[-3000:]}"
+                )
             time.sleep(1)
         yield url, bundle
     finally:
@@ -491,17 +558,23 @@ def test_real_server_with_monai_label_client(server, studies, checkpoint):
         return client.info()["models"]["monai_sam_interactive"]["feature_cache"]
 
     liver = _organ_voxel(labels["ct_a"], LIVER)
-    out_file, params = client.infer("monai_sam_interactive", "ct_a", {"foreground": [liver], "label": "liver"})
+    out_file, params = client.infer(
+        "monai_sam_interactive", "ct_a", {"foreground": [liver], "label": "liver"}
+    )
     got = np.asarray(nib.load(out_file).dataobj).astype(np.int32)
     k, point = _ras_prompt(liver)
-    expected = _library_label(root / "ct_a.nii.gz", checkpoint, [ObjectPrompts(LIVER, "liver", [SlicePrompt(k, points=[point])])])
+    expected = _library_label(
+        root / "ct_a.nii.gz", checkpoint, [ObjectPrompts(LIVER, "liver", [SlicePrompt(k, points=[point])])]
+    )
     np.testing.assert_array_equal(got, expected)
     first = cache()
     assert first["misses"] == 1 and first["encoded_slices"] == SHAPE[2]
 
     # the second click on the same image is served from the kept features
     other = _other_slice_voxel(labels["ct_a"], LIVER, liver[2])
-    _, params = client.infer("monai_sam_interactive", "ct_a", {"foreground": [liver, other], "label": "liver"})
+    _, params = client.infer(
+        "monai_sam_interactive", "ct_a", {"foreground": [liver, other], "label": "liver"}
+    )
     assert params["feature_cache"] == "hit"
     second = cache()
     assert second["hits"] == first["hits"] + 1 and second["encoded_slices"] == first["encoded_slices"]
@@ -513,7 +586,9 @@ def test_real_server_with_monai_label_client(server, studies, checkpoint):
         image, organ = job
         name = "liver" if organ == LIVER else "spleen"
         path, res = MONAILabelClient(url, tmpdir=str(root.parent / f"client_{threading.get_ident()}")).infer(
-            "monai_sam_interactive", image, {"foreground": [_organ_voxel(labels[image], organ)], "label": name}
+            "monai_sam_interactive",
+            image,
+            {"foreground": [_organ_voxel(labels[image], organ)], "label": name},
         )
         arr = np.asarray(nib.load(path).dataobj)
         return arr.shape, set(np.unique(arr).tolist()) <= {0, organ}, res["label_names"]
@@ -537,8 +612,17 @@ def orthanc(tmp_path_factory):
     from helpers_dicom_pipeline import need_binary, require_servers
 
     binary = need_binary("Orthanc", "orthanc")
-    plugin = next((p for p in ("/usr/share/orthanc/plugins/libOrthancDicomWeb.so",
-                               "/usr/lib/orthanc/plugins/libOrthancDicomWeb.so") if Path(p).is_file()), None)
+    plugin = next(
+        (
+            p
+            for p in (
+                "/usr/share/orthanc/plugins/libOrthancDicomWeb.so",
+                "/usr/lib/orthanc/plugins/libOrthancDicomWeb.so",
+            )
+            if Path(p).is_file()
+        ),
+        None,
+    )
     if plugin is None:
         message = "the Orthanc DICOMweb plugin is missing (Debian package orthanc-dicomweb)"
         if require_servers():
@@ -547,20 +631,31 @@ def orthanc(tmp_path_factory):
     root = tmp_path_factory.mktemp("orthanc")
     port = _free_port()
     config = {
-        "Name": "MONAI_SAM_LABEL_TEST", "StorageDirectory": str(root / "db"), "IndexDirectory": str(root / "db"),
-        "HttpPort": port, "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
-        "DicomServerEnabled": False, "DicomPort": _free_port(), "Plugins": [plugin],
-        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}, "SaveJobs": False,
+        "Name": "MONAI_SAM_LABEL_TEST",
+        "StorageDirectory": str(root / "db"),
+        "IndexDirectory": str(root / "db"),
+        "HttpPort": port,
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "DicomServerEnabled": False,
+        "DicomPort": _free_port(),
+        "Plugins": [plugin],
+        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+        "SaveJobs": False,
     }
     (root / "orthanc.json").write_text(json.dumps(config))
     log = open(root / "orthanc.log", "w")
-    proc = subprocess.Popen([binary, str(root / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT, cwd=root)
+    proc = subprocess.Popen(
+        [binary, str(root / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT, cwd=root
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
         while True:
             if proc.poll() is not None:
-                pytest.fail(f"Orthanc exited with {proc.returncode}:\n{(root / 'orthanc.log').read_text()[-3000:]}")
+                pytest.fail(
+                    f"Orthanc exited with {proc.returncode}:\n{(root / 'orthanc.log').read_text()[-3000:]}"
+                )
             try:
                 if requests.get(f"{base}/dicom-web/studies", timeout=2).ok:
                     break
@@ -611,8 +706,14 @@ def test_dicomweb_studies_are_segmented_and_final_labels_go_back_as_dicom_seg(
     nifti = nib.load(store.get_image_uri(series_uid))
     vmap = VoxelMap.from_affines(nifti.affine, ph.affine, nifti.shape)
     liver = vmap.ras_to_stored_array((ph.label == LIVER).astype(np.uint8))
-    res = app.infer({"model": "monai_sam_interactive", "image": series_uid,
-                     "foreground": [_organ_voxel(liver, 1)], "label": "liver"})
+    res = app.infer(
+        {
+            "model": "monai_sam_interactive",
+            "image": series_uid,
+            "foreground": [_organ_voxel(liver, 1)],
+            "label": "liver",
+        }
+    )
     out = nib.load(res["file"])
     assert out.shape == nifti.shape and np.allclose(out.affine, nifti.affine, atol=1e-4)
     assert res["params"]["prompts"][str(LIVER)]["name"] == "liver"
@@ -621,8 +722,11 @@ def test_dicomweb_studies_are_segmented_and_final_labels_go_back_as_dicom_seg(
     final = tmp_path / "final.nii.gz"
     nib.save(nib.Nifti1Image(liver, nifti.affine), str(final))
     store.save_label(series_uid, str(final), "final", {})
-    found = requests.post(f"{orthanc}/tools/find", json={"Level": "Series", "Expand": True,
-                                                          "Query": {"StudyInstanceUID": study_uid}}, timeout=30).json()
+    found = requests.post(
+        f"{orthanc}/tools/find",
+        json={"Level": "Series", "Expand": True, "Query": {"StudyInstanceUID": study_uid}},
+        timeout=30,
+    ).json()
     segs = [s["ID"] for s in found if s["MainDicomTags"].get("Modality") == "SEG"]
     assert len(segs) == 1
     (instance,) = requests.get(f"{orthanc}/series/{segs[0]}/instances", timeout=30).json()
@@ -630,13 +734,13 @@ def test_dicomweb_studies_are_segmented_and_final_labels_go_back_as_dicom_seg(
     seg_file.write_bytes(requests.get(f"{orthanc}/instances/{instance['ID']}/file", timeout=30).content)
     seg = pydicom.dcmread(seg_file)
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == series_uid
-    back, names = read_dicom_seg(seg_file, check_series(select_series(tmp_path / "ct")), load_volume(tmp_path / "ct"))
+    back, names = read_dicom_seg(
+        seg_file, check_series(select_series(tmp_path / "ct")), load_volume(tmp_path / "ct")
+    )
     assert names == {1: "liver"}
     np.testing.assert_array_equal(back[0].numpy() > 0, ph.label == LIVER)
     # training reads it back the way MONAI Label does (SEG from the server -> NIfTI)
     (item,) = store.datalist()
     trained_on = nib.load(item["label"])
     on_grid = VoxelMap.from_affines(trained_on.affine, nifti.affine, trained_on.shape)
-    np.testing.assert_array_equal(
-        on_grid.ras_to_stored_array(liver) > 0, np.asarray(trained_on.dataobj) > 0
-    )
+    np.testing.assert_array_equal(on_grid.ras_to_stored_array(liver) > 0, np.asarray(trained_on.dataobj) > 0)

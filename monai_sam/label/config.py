@@ -38,8 +38,18 @@ logger = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_BUNDLE = REPO / "bundles" / "sam2_ct_abdominal_organs"
 KNOWN_KEYS = {
-    "bundle", "checkpoint", "model_size", "image_size", "window", "labels", "device",
-    "encoder_batch_size", "feature_dtype", "feature_cache_gb", "feature_cache_images", "feature_cache_ttl_s",
+    "bundle",
+    "checkpoint",
+    "model_size",
+    "image_size",
+    "window",
+    "labels",
+    "device",
+    "encoder_batch_size",
+    "feature_dtype",
+    "feature_cache_gb",
+    "feature_cache_images",
+    "feature_cache_ttl_s",
 }
 # keys MONAI Label itself puts in an app's conf
 _MONAILABEL_KEYS = {"server_mode", "preload", "models", "skip_trainers", "skip_strategies", "skip_scoring"}
@@ -69,7 +79,7 @@ def _parse_labels(text: str) -> dict[int, str]:
         return {int(v): str(k) for k, v in raw.items()}
     names = [n.strip() for n in text.split(",") if n.strip()]
     if not names:
-        raise ValueError("--conf labels: give names (liver,spleen) or JSON {\"liver\": 1}")
+        raise ValueError('--conf labels: give names (liver,spleen) or JSON {"liver": 1}')
     return {i: n for i, n in enumerate(names, start=1)}
 
 

@@ -58,14 +58,21 @@ class SegDICOMWebDatastore(DICOMWebDatastore):
         # one segment per label present (an empty label still needs its segments named)
         names = {v: self.label_names.get(v, f"label_{v}") for v in values} or dict(self.label_names)
         if not names:
-            raise ValueError(f"label {label_filename} for series {image_id} is empty and the app has no label names")
+            raise ValueError(
+                f"label {label_filename} for series {image_id} is empty and the app has no label names"
+            )
         fd, path = tempfile.mkstemp(suffix=".dcm", prefix="monai_sam_seg_")
         os.close(fd)
         write_dicom_seg(label, series, path, names, self.algorithm)
         return path
 
     def save_label(
-        self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any], label_id: str = ""
+        self,
+        image_id: str,
+        label_filename: str,
+        label_tag: str,
+        label_info: dict[str, Any],
+        label_id: str = "",
     ) -> str:
         if label_tag != DefaultLabelTag.FINAL:
             return super().save_label(image_id, label_filename, label_tag, label_info)

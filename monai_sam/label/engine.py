@@ -134,13 +134,26 @@ class Sam2LabelEngine:
         return (str(path), path.stat().st_mtime_ns) if path else None
 
     def _load(self) -> None:
-        from monai_sam.pipeline import load_bundle_model, load_checkpoint_model
+        from monai_sam.pipeline import load_bundle_model, load_checkpoint_model, resolve_device
 
         s = self.settings
-        device = "cuda" if s.device == "auto" and torch.cuda.is_available() else ("cpu" if s.device == "auto" else s.device)
+        device = resolve_device(s.device)
         stamp = self._stamp()
         if stamp is not None:
-            model = load_bundle_model(s.bundle, checkpoint=s.checkpoint, device=device, need_auto=False)
+            model = None
+            if s.has_auto_prompter:  # built with the network: they share the frozen encoder
+                try:
+                    model = load_bundle_model(
+                        s.bundle, checkpoint=s.checkpoint, device=device, need_auto=True
+                    )
+                except Exception as err:  # a broken prompter must not take the interactive task down
+                    logger.error(
+                        "bundle %s: its auto_prompter could not be built (%s); automatic task unavailable",
+                        s.bundle,
+                        err,
+                    )
+            if model is None:
+                model = load_bundle_model(s.bundle, checkpoint=s.checkpoint, device=device, need_auto=False)
             source = f"bundle {s.bundle} (trained parts {stamp[0]})"
         else:
             if s.checkpoint is None:
@@ -149,6 +162,7 @@ class Sam2LabelEngine:
                 s.checkpoint, s.model_size, s.image_size, s.window, device, "auto", s.encoder_batch_size
             )
             source = f"official checkpoint {s.checkpoint}" if s.checkpoint else "random init / demo"
+        self._auto = None  # rebuilt over the new weights when asked for
         net = model.network
         net.encoder_batch_size = int(s.encoder_batch_size)
         self._prepared = PreparedFeatureSegmenter(
@@ -193,7 +207,13 @@ class Sam2LabelEngine:
                 bundle = self.settings.bundle
                 parser = bundle_parser(bundle) if bundle is not None else None
                 if parser is None or parser.get("auto_prompter") is None:
-                    raise PromptError(f"bundle {bundle} has no automatic mode (no 'auto_prompter' in inference.yaml)")
+                    raise PromptError(
+                        f"bundle {bundle} has no automatic mode (no 'auto_prompter' in inference.yaml)"
+                    )
+                # no trained bundle weights: the prompter is built over the same base weights
+                if self.settings.checkpoint:
+                    parser["checkpoint"] = self.settings.checkpoint
+                parser["device"] = f"$torch.device('{model.network.device}')"
                 self._auto = parser.get_parsed_content("auto_prompter")
             return self._auto
 
@@ -215,7 +235,10 @@ class Sam2LabelEngine:
 
     def _geometry(self, stored: MetaTensor, ras: MetaTensor, source: str) -> ImageGeometry:
         vmap = VoxelMap.from_affines(
-            np.asarray(stored.affine, np.float64), np.asarray(ras.affine, np.float64), stored.shape[1:], source
+            np.asarray(stored.affine, np.float64),
+            np.asarray(ras.affine, np.float64),
+            stored.shape[1:],
+            source,
         )
         return ImageGeometry(
             vmap=vmap,
@@ -253,7 +276,11 @@ class Sam2LabelEngine:
         features = VolumeFeatures([torch.cat(lvl) for lvl in levels], pos, geometry=geometry)
         logger.info(
             "encoded %d slices of %s in %.1f s (%.0f MB of features, %s)",
-            features.num_slices, geometry.source, time.perf_counter() - t0, features.nbytes / 2**20, dtype,
+            features.num_slices,
+            geometry.source,
+            time.perf_counter() - t0,
+            features.nbytes / 2**20,
+            dtype,
         )
         return features
 
@@ -318,7 +345,9 @@ class Sam2LabelEngine:
         stored = geometry.vmap.ras_to_stored_array(label)
         fd, out = tempfile.mkstemp(suffix=".nii.gz", prefix="monai_sam_label_")
         os.close(fd)
-        write_label(MetaTensor(torch.as_tensor(stored)[None], affine=torch.as_tensor(geometry.stored_affine)), out)
+        write_label(
+            MetaTensor(torch.as_tensor(stored)[None], affine=torch.as_tensor(geometry.stored_affine)), out
+        )
         t3 = time.perf_counter()
         present = sorted(int(v) for v in np.unique(stored) if v != 0)
         result = {
@@ -339,7 +368,12 @@ class Sam2LabelEngine:
         }
         logger.info(
             "%s: %d object(s) in %.2f s (features %s, %.2f s; propagation %.2f s)",
-            path, len(parsed.objects), t3 - t0, "cached" if hit else "encoded", t1 - t0, t2 - t1,
+            path,
+            len(parsed.objects),
+            t3 - t0,
+            "cached" if hit else "encoded",
+            t1 - t0,
+            t2 - t1,
         )
         return out, result
 

@@ -166,7 +166,10 @@ class VolumeFeatureStore:
                     logger.warning(
                         "feature cache: the features of %s take %.0f MB, more than the whole budget "
                         "(%.0f MB); they are not kept and the next click re-encodes the image "
-                        "(raise feature_cache_gb)", key, size / 2**20, self.max_bytes / 2**20,
+                        "(raise feature_cache_gb)",
+                        key,
+                        size / 2**20,
+                        self.max_bytes / 2**20,
                     )
                 else:
                     self._make_room(size)

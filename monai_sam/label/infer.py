@@ -96,7 +96,9 @@ class AutoSam2Infer(_EngineTask):
             objects: list[ObjectPrompts] = list(prompter(volume))
             if not objects:
                 raise PromptError(f"{image}: the automatic prompter found no object")
-            validate_prompts(objects, geometry.slice_size, geometry.num_slices, source=f"{image} (auto prompts)")
+            validate_prompts(
+                objects, geometry.slice_size, geometry.num_slices, source=f"{image} (auto prompts)"
+            )
             return ParsedRequest(objects)
 
         out, result = self.engine.segment(image, prompts)

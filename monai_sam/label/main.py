@@ -13,7 +13,6 @@ in `monai_sam.label.config`; docs/monai_label.md shows how to connect 3D Slicer 
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 from monailabel.config import settings as ml_settings
@@ -95,7 +94,9 @@ class MonaiSamLabelApp(MONAILabelApp):
             prompt_source="user",
             parameters={"app": "monai-sam MONAI Label", "image_size": str(s.image_size)},
         )
-        logger.info("DICOMweb datastore %s: final labels are stored back as DICOM-SEG (highdicom)", self.studies)
+        logger.info(
+            "DICOMweb datastore %s: final labels are stored back as DICOM-SEG (highdicom)", self.studies
+        )
         return SegDICOMWebDatastore(
             client=client,
             search_filter=ml_settings.MONAI_LABEL_DICOMWEB_SEARCH_FILTER,
@@ -110,7 +111,6 @@ class MonaiSamLabelApp(MONAILabelApp):
         meta = super().info()
         meta["monai_sam"] = {
             "bundle": str(self.model_settings.bundle) if self.model_settings.bundle else None,
-            "pid": os.getpid(),
             **self.engine.info(),
         }
         return meta

@@ -119,7 +119,9 @@ class ParsedRequest:
         return {
             str(o.object_id): {
                 "name": o.name,
-                "conditioning_slices": {str(p.slice_index): p.kind for p in sorted(o.slices, key=lambda s: s.slice_index)},
+                "conditioning_slices": {
+                    str(p.slice_index): p.kind for p in sorted(o.slices, key=lambda s: s.slice_index)
+                },
             }
             for o in self.objects
         }
@@ -151,7 +153,9 @@ def _points(value: Any, key: str, where: str) -> np.ndarray:
     try:
         arr = np.asarray(value, dtype=np.float64)
     except (TypeError, ValueError) as err:
-        raise PromptError(f"{where}: '{key}' must be a list of [x, y, z] voxel indices, got {value!r}") from err
+        raise PromptError(
+            f"{where}: '{key}' must be a list of [x, y, z] voxel indices, got {value!r}"
+        ) from err
     if arr.size == 0:
         return np.zeros((0, 3))
     if arr.ndim == 1 and arr.shape[0] == 3:
@@ -180,9 +184,13 @@ def _roi_box(roi: Any, vmap: VoxelMap, where: str) -> tuple[int, np.ndarray, Ras
     try:
         vals = np.asarray(roi, dtype=np.float64).reshape(-1)
     except (TypeError, ValueError) as err:
-        raise PromptError(f"{where}: roi must be [x0, y0, x1, y1, z0, z1] (voxel indices), got {roi!r}") from err
+        raise PromptError(
+            f"{where}: roi must be [x0, y0, x1, y1, z0, z1] (voxel indices), got {roi!r}"
+        ) from err
     if vals.size != 6 or not np.isfinite(vals).all():
-        raise PromptError(f"{where}: roi must be [x0, y0, x1, y1, z0, z1] (voxel indices), got {vals.tolist()}")
+        raise PromptError(
+            f"{where}: roi must be [x0, y0, x1, y1, z0, z1] (voxel indices), got {vals.tolist()}"
+        )
     x0, y0, x1, y1, z0, z1 = vals
     if x1 < x0 or y1 < y0 or z1 < z0:
         raise PromptError(f"{where}: roi {vals.tolist()} has a negative extent (need x1>=x0, y1>=y0, z1>=z0)")
@@ -242,7 +250,9 @@ def parse_request(
             f"(only {len(negatives)} background click(s) were sent)"
         )
     if has_roi and len(per_label) > 1:
-        raise PromptError(f"{where}: an roi box is for one object, but clicks for {len(per_label)} labels were sent")
+        raise PromptError(
+            f"{where}: an roi box is for one object, but clicks for {len(per_label)} labels were sent"
+        )
 
     neg_ras = vmap.to_ras(negatives)
     _check_inside(neg_ras, negatives, vmap, "background", where)
