@@ -384,3 +384,73 @@ def test_existing_folder_without_dataset_json_is_not_filled_with_synthetic_data(
     assert isinstance(err.value.__cause__, FileNotFoundError)
     assert f"dataset json not found: {data / 'dataset.json'}" in str(err.value.__cause__)
     assert sorted(p.name for p in data.iterdir()) == ["g0001.jpg"]
+
+
+class _HandMadeLogits(torch.nn.Module):
+    """A network whose logits are given: the evaluator's post-processing is what is tested."""
+
+    encoder_batch_size = 1
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        super().__init__()
+        self.logits = logits
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    def encode(self, frames):
+        return {"x": frames}
+
+    def predict(self, frames, prompts, original_size, features=None):
+        assert [p.object_id for p in prompts] == [1, 2] and tuple(original_size) == tuple(
+            self.logits.shape[-2:]
+        )
+        return self.logits
+
+
+def test_evaluator_keeps_the_cup_inside_the_disc_and_one_piece_each():
+    from monai.data import MetaTensor
+
+    from monai_sam.engines.evaluator import PRED_LABEL
+    from monai_sam.engines.image_evaluator import PromptedImageEvaluator
+    from monai_sam.prompts import ObjectPrompts, SlicePrompt
+
+    h = w = 24
+    disc = torch.full((h, w), -5.0)
+    disc[4:16, 4:16] = 5.0  # the disc
+    disc[20:22, 20:22] = 5.0  # a stray island
+    cup = torch.full((h, w), -5.0)
+    cup[8:12, 8:12] = 5.0  # the cup
+    cup[0:4, 9:11] = 5.0  # leaking above the disc: outside it, dropped
+    label = torch.zeros(1, h, w, dtype=torch.uint8)
+    label[0, 4:16, 4:16] = 1
+    label[0, 8:12, 8:12] = 2
+    item = {
+        "image": MetaTensor(torch.zeros(3, 32, 32)),
+        "label": label,
+        "prompts": [
+            ObjectPrompts(2, slices=[SlicePrompt(0, box=[8, 8, 11, 11])]),
+            ObjectPrompts(1, slices=[SlicePrompt(0, box=[4, 4, 15, 15])]),
+        ],
+    }
+    ev = PromptedImageEvaluator(
+        "cpu", [[item]], _HandMadeLogits(torch.stack([disc, cup])), {1: [1, 2], 2: [2]}
+    )
+    ev.run()
+    pred = ev.state.output[PRED_LABEL][0]
+    assert torch.equal(pred, label[0]), "island removed, leak dropped, cup painted over the disc"
+    assert ev.state.output["pred"].shape == (1, 2, h, w) and torch.equal(
+        ev.state.output["pred"], ev.state.output["label"]
+    )
+    raw = PromptedImageEvaluator(
+        "cpu",
+        [[item]],
+        _HandMadeLogits(torch.stack([disc, cup])),
+        {1: [1, 2], 2: [2]},
+        clip_nested=False,
+        largest_component=False,
+    )
+    raw.run()
+    pred = raw.state.output[PRED_LABEL][0]
+    assert int((pred == 2).sum()) == 16 + 8 and int((pred == 1).sum()) == 144 - 16 + 4
+    # leak and island stretch both vertical extents: 12 / 22 instead of the reference 4 / 12
+    assert vertical_cup_to_disc_ratio(pred) == pytest.approx(12 / 22)
+    assert vertical_cup_to_disc_ratio(label) == pytest.approx(4 / 12)

@@ -109,6 +109,10 @@ class PromptedImageEvaluator(SupervisedEvaluator):
             of its region's values.
         feature_cache: the frozen encoder's features (shared with training).
         threshold: logit threshold (0 = probability 0.5, SAM's).
+        clip_nested: a region whose label values are a subset of an earlier region's (the cup
+            inside the disc) keeps only the pixels inside that region's final prediction: the cup
+            is part of the disc by definition, so cup pixels outside the predicted disc are
+            dropped rather than made disc.
         largest_component: keep each object's largest connected component (a disc and a cup
             are one piece each; stray islands would inflate the vertical extents of the vCDR).
     """
@@ -121,6 +125,7 @@ class PromptedImageEvaluator(SupervisedEvaluator):
         regions: Mapping[int, Sequence[int]],
         feature_cache: FeatureCache | None = None,
         threshold: float = 0.0,
+        clip_nested: bool = True,
         largest_component: bool = True,
         **kwargs: Any,
     ) -> None:
@@ -137,6 +142,13 @@ class PromptedImageEvaluator(SupervisedEvaluator):
             )
         self.feature_cache = feature_cache
         self.threshold = float(threshold)
+        ids = list(self.regions)
+        # (inner, outer) positions: inner's label values inside an earlier (outer) region's
+        self.nested = [
+            (i, next(j for j in range(i) if set(self.regions[ids[i]]) <= set(self.regions[ids[j]])))
+            for i in range(len(ids))
+            if clip_nested and any(set(self.regions[ids[i]]) <= set(self.regions[ids[j]]) for j in range(i))
+        ]
         self.keep_largest = (
             KeepLargestConnectedComponent(applied_labels=[1], is_onehot=False) if largest_component else None
         )
@@ -163,10 +175,12 @@ class PromptedImageEvaluator(SupervisedEvaluator):
         features = encoder_features(net, frames, self.state.device, self.feature_cache)
         logits = net.predict(None, ordered, original_size=hw, features=features).cpu()  # (R, H, W)
         masks = logits > self.threshold
-        if self.keep_largest is not None:
-            masks = torch.stack(
-                [torch.as_tensor(self.keep_largest(m[None].to(torch.uint8)))[0].bool() for m in masks]
-            )
+        outer_of = dict(self.nested)
+        for i in range(len(masks)):  # in order: an outer region is final before its inner one is clipped
+            if i in outer_of:
+                masks[i] &= masks[outer_of[i]]
+            if self.keep_largest is not None:
+                masks[i] = torch.as_tensor(self.keep_largest(masks[i][None].to(torch.uint8)))[0].bool()
         pred_label = paint_regions(masks, list(self.regions), hw)
         out: dict[str, Any] = {
             CommonKeys.IMAGE: item[CommonKeys.IMAGE],
