@@ -373,11 +373,14 @@ def test_roi_request_is_bounded_by_the_roi(app, studies):
     assert not out[~inside].any()
 
 
+KEEP = "keep the bundle's own"
+
+
 def _bundle_copy(tmp: Path, auto_prompter: str | None = None, **train_overrides) -> Path:
     """The CT bundle's configs in a temp folder (its models/ and caches stay there).
 
-    ``auto_prompter``: the inference.yaml value to set, or None to leave the bundle without
-    automatic mode whatever the CT bundle's own configs say.
+    ``auto_prompter``: the inference.yaml value to set, None to leave the bundle without
+    automatic mode whatever the CT bundle's own configs say, or `KEEP`.
     """
     dst = tmp / "bundle"
     shutil.copytree(CT_BUNDLE / "configs", dst / "configs")
@@ -387,8 +390,9 @@ def _bundle_copy(tmp: Path, auto_prompter: str | None = None, **train_overrides)
     train.write_text(yaml.safe_dump(doc, sort_keys=False))
     infer = dst / "configs" / "inference.yaml"
     doc = yaml.safe_load(infer.read_text())
-    doc.pop("auto_prompter", None)
-    if auto_prompter is not None:
+    if auto_prompter != KEEP:
+        doc.pop("auto_prompter", None)
+    if auto_prompter not in (None, KEEP):
         doc["auto_prompter"] = auto_prompter
     infer.write_text(yaml.safe_dump(doc, sort_keys=False))
     return dst
@@ -425,6 +429,53 @@ def test_automatic_task_only_when_the_bundle_has_an_auto_prompter(tmp_path, stud
         root / "ct_b.nii.gz", checkpoint, [ObjectPrompts(1, "liver", [SlicePrompt(k, box=box)])]
     )
     np.testing.assert_array_equal(out, expected)
+
+
+@pytest.mark.slow
+def test_automatic_task_with_the_ct_bundles_prompt_free_head(tmp_path, studies, checkpoint):
+    """The CT bundle's own auto_prompter (prompt-free head) behind monai_sam_auto, sharing the encoder."""
+    from monai.bundle import ConfigParser
+
+    from monai_sam.data.loading import load_volume
+    from monai_sam.label.main import MonaiSamLabelApp
+    from monai_sam.pipeline import load_bundle_model
+
+    root, _ = studies
+    bundle = _bundle_copy(tmp_path, auto_prompter=KEEP, image_size=S)
+    configs = bundle / "configs"
+    if not (configs / "train_autoprompt_head.yaml").is_file():
+        pytest.skip("the CT bundle has no prompt-free head config (train_autoprompt_head.yaml)")
+    # untrained parts saved the way training saves them (stamped with the frozen encoder)
+    for files, target in (
+        (["train.yaml", "inference.yaml"], bundle / "models" / "model.pt"),
+        (["train.yaml", "train_autoprompt_head.yaml"], bundle / "models" / "autoprompt_head" / "model.pt"),
+    ):
+        parser = ConfigParser()
+        parser.read_config([str(configs / f) for f in files])
+        parser.update(
+            {"bundle_root": str(bundle), "checkpoint": str(checkpoint), "device": "$torch.device('cpu')"}
+        )
+        torch.manual_seed(1)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"model": parser.get_parsed_content("trainable_checkpoint").state_dict()}, target)
+
+    app = MonaiSamLabelApp(
+        str(tmp_path / "app"), str(root), {"bundle": str(bundle), "checkpoint": str(checkpoint)}
+    )
+    assert app.info()["models"]["monai_sam_auto"]["type"] == "segmentation"
+    res = app.infer({"model": "monai_sam_auto", "image": "ct_b"})
+    out = np.asarray(nib.load(res["file"]).dataobj).astype(np.int32)
+    assert res["params"]["prompt_source"] == "auto" and res["params"]["prompts"]
+    served = app.engine.model()
+    assert served.auto_prompter.segmenter.image_encoder is served.network.model.image_encoder, "one encoder"
+
+    # the library path with the same bundle: its prompter's prompts, then segment_volume
+    lib = load_bundle_model(bundle, checkpoint=str(checkpoint), device="cpu", need_auto=True)
+    image = root / "ct_b.nii.gz"
+    prompts = lib.auto_prompter(load_volume(image))
+    assert sorted(str(o.object_id) for o in prompts) == sorted(res["params"]["prompts"])
+    expected = segment_volume(image, prompts, network=lib.network, window=lib.window, device="cpu")
+    np.testing.assert_array_equal(out, expected.numpy()[0].astype(np.int32))
 
 
 @pytest.mark.slow
