@@ -307,7 +307,7 @@ def _fit(net, backbone, learning_rates, loss, tmp_path, epochs=1):
     )
     losses = []
     trainer.add_event_handler(
-        Events.ITERATION_COMPLETED, lambda e: losses.append(float(e.state.output["loss"]))
+        Events.ITERATION_COMPLETED, lambda e: losses.append(float(e.state.output[0]["loss"]))
     )
     trainer.run()
     return losses, cache

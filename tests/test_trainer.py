@@ -56,7 +56,7 @@ def _train(cache_dir=None, epochs=2):
     losses = []
     trainer = FrozenEncoderTrainer("cpu", epochs, DataLoader(_samples(), batch_size=2, collate_fn=collate_as_list),
                                    seg, opt, feature_cache=cache)
-    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(float(e.state.output["loss"])))
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(float(e.state.output[0]["loss"])))
     trainer.run()
     return seg, losses, cache
 

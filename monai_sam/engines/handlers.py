@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch.distributed as dist
 from ignite.engine import Engine, Events
 from monai.handlers import CheckpointLoader
 
@@ -89,7 +90,7 @@ class ClassMetricsWriter:
         lab = np.asarray(truth.detach().cpu() if hasattr(truth, "detach") else truth)[0]
         self.scores += score_case(pred, lab, spacing, self.label_names, case=case, prompt_source=self.prompt_source)
         done = len({s.case for s in self.scores})
-        if done <= self.overlays:
+        if done <= self.overlays and _is_rank_zero():
             image = out.get("overlay_image")
             if image is None:
                 image = np.asarray(out["image"])[0]  # SAM input channel 0, resized to S x S
@@ -98,7 +99,8 @@ class ClassMetricsWriter:
                          self.label_names, title=f"{case} ({self.prompt_source} prompts)", window=self.window)
 
     def _write(self, engine: Engine) -> None:
-        if not self.scores:
+        self.scores = _gather_across_ranks(self.scores)
+        if not self.scores or not _is_rank_zero():
             return
         self.summary = summarize(self.scores)
         write_scores_csv(self.scores, self.output_dir / f"{self.prefix}metrics_per_case.csv")
@@ -107,6 +109,19 @@ class ClassMetricsWriter:
         for row in self.summary:
             lines.append(f"{row['name']:<24}{_fmt(row['dice'])}{_fmt(row['hd95_mm'], 10)}{_fmt(row['surface_dice'])}")
         logger.info("per-class metrics over %d case(s):\n%s", len({s.case for s in self.scores}), "\n".join(lines))
+
+
+def _is_rank_zero() -> bool:
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _gather_across_ranks(rows: list) -> list:
+    """Every rank's per-case rows (each rank validates its own share of the cases under DDP)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return rows
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, rows)
+    return [row for part in gathered for row in part]
 
 
 def _fmt(v: float, width: int = 8) -> str:

@@ -272,7 +272,10 @@ class FrozenEncoderTrainer(SupervisedTrainer):
         else:
             total.backward()
             self.optimizer.step()
-        engine.state.output = {CommonKeys.LOSS: total.detach()}
+        # MONAI's convention for a decollated batch (a list of per-sample dicts, the loss in each),
+        # so that model-zoo handler settings (`from_engine(['loss'], first=True)`, `--tracking
+        # mlflow`) read it unchanged
+        engine.state.output = [{CommonKeys.LOSS: total.detach()}]
         return engine.state.output
 
 
