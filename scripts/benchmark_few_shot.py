@@ -91,9 +91,15 @@ def cardiac_dataset(train_volumes: int, test_volumes: int, shape, budgets) -> Da
         ph = make_phantom("cardiac-mr", 1000 + i, shape=shape, spacing=spacing)
         img = np.asarray(scale(torch.as_tensor(ph.image[None], dtype=torch.float32)))[0]
         units.append(Unit(f"phantom_cardiac_mr_{1000 + i}", img, ph.label.astype(np.int64), spacing))
-    return Dataset("cardiac MR phantom", dict(CARDIAC), units[:train_volumes], units[train_volumes:],
-                   sorted({b for b in budgets if b < train_volumes} | {train_volumes}), "volumes",
-                   f"{train_volumes} labeled-pool phantoms, {test_volumes} test phantoms, {tuple(shape)} voxels")
+    return Dataset(
+        "cardiac MR phantom",
+        dict(CARDIAC),
+        units[:train_volumes],
+        units[train_volumes:],
+        sorted({b for b in budgets if b < train_volumes} | {train_volumes}),
+        "volumes",
+        f"{train_volumes} labeled-pool phantoms, {test_volumes} test phantoms, {tuple(shape)} voxels",
+    )
 
 
 def ct_dataset(slab: int, budgets) -> Dataset | None:
@@ -116,14 +122,20 @@ def ct_dataset(slab: int, budgets) -> Dataset | None:
     pool_slabs.sort(key=lambda s: abs(np.mean(s) - centre))  # middle of the volume first
     pool = [Unit(f"slices {s[0]}-{s[-1]}", img[..., s], lab[..., s], spacing) for s in pool_slabs]
     test = [Unit(f"test slices ({len(test_idx)})", img[..., test_idx], lab[..., test_idx], spacing)]
-    return Dataset("real CT (TotalSegmentator example)", dict(CT_ORGANS), pool, test,
-                   sorted({b for b in budgets if b < len(pool)} | {len(pool)}), f"slabs of {slab} slices",
-                   f"one patient, 30 axial slices at 3 mm: even {slab}-slice slabs are the labeled pool "
-                   f"(middle first), odd slabs ({len(test_idx)} slices) the test set")
+    return Dataset(
+        "real CT (TotalSegmentator example)",
+        dict(CT_ORGANS),
+        pool,
+        test,
+        sorted({b for b in budgets if b < len(pool)} | {len(pool)}),
+        f"slabs of {slab} slices",
+        f"one patient, 30 axial slices at 3 mm: even {slab}-slice slabs are the labeled pool "
+        f"(middle first), odd slabs ({len(test_idx)} slices) the test set",
+    )
 
 
 def prepare(units: list[Unit], seg: PromptFreeSamSegmenter, image_size: int, device) -> None:
-    """Encode every slice once (the frozen encoder is the expensive part) and keep the grey frames for the UNet."""
+    """Encode every slice once (the frozen encoder is the costly part); keep the grey frames for the UNet."""
     to_sam = SamInput(image_size)
     for u in units:
         frames = torch.as_tensor(np.asarray(to_sam(torch.as_tensor(u.image[None], dtype=torch.float32))))
@@ -131,8 +143,12 @@ def prepare(units: list[Unit], seg: PromptFreeSamSegmenter, image_size: int, dev
         with torch.no_grad():
             raw = seg.encode(frames.to(device))
         u.features = {k: v.cpu() for k, v in raw.items()}
-        grey = F.interpolate(torch.as_tensor(u.image, dtype=torch.float32).permute(2, 0, 1)[:, None],
-                             size=(image_size, image_size), mode="bilinear", align_corners=False)
+        grey = F.interpolate(
+            torch.as_tensor(u.image, dtype=torch.float32).permute(2, 0, 1)[:, None],
+            size=(image_size, image_size),
+            mode="bilinear",
+            align_corners=False,
+        )
         u.frames = grey
 
 
@@ -140,8 +156,9 @@ def make_model(method: str, sam, classes: list[int], device):
     if method == "unet":
         from monai.networks.nets import UNet
 
-        return UNet(2, 1, len(classes) + 1, channels=(16, 32, 64, 128, 256), strides=(2, 2, 2, 2),
-                    num_res_units=2).to(device)
+        return UNet(
+            2, 1, len(classes) + 1, channels=(16, 32, 64, 128, 256), strides=(2, 2, 2, 2), num_res_units=2
+        ).to(device)
     return PromptFreeSamSegmenter(sam, method, classes).to(device)
 
 
@@ -160,8 +177,9 @@ def classes_of(label: np.ndarray, classes: list[int]) -> torch.Tensor:
     return torch.as_tensor(lookup[lab])
 
 
-def train_and_test(method: str, sam, ds: Dataset, budget: int, epochs: int, batch: int, lr: float, seed: int,
-                   device) -> dict:
+def train_and_test(
+    method: str, sam, ds: Dataset, budget: int, epochs: int, batch: int, lr: float, seed: int, device
+) -> dict:
     from monai.losses import DiceCELoss
 
     torch.manual_seed(seed)
@@ -173,7 +191,9 @@ def train_and_test(method: str, sam, ds: Dataset, budget: int, epochs: int, batc
     units = ds.pool[:budget]
     feats = {k: torch.cat([u.features[k] for u in units]) for k in units[0].features}
     frames = torch.cat([u.frames for u in units])
-    target = torch.cat([classes_of(u.label, classes).permute(2, 0, 1) for u in units])[:, None]  # (N, 1, H, W)
+    target = torch.cat([classes_of(u.label, classes).permute(2, 0, 1) for u in units])[
+        :, None
+    ]  # (N, 1, H, W)
     hw = tuple(target.shape[-2:])
     n = target.shape[0]
     gen = torch.Generator().manual_seed(seed)
@@ -204,9 +224,16 @@ def train_and_test(method: str, sam, ds: Dataset, budget: int, epochs: int, batc
             for s in score_case(ids, u.label, u.spacing, ds.classes, case=u.name):
                 per_class[s.name].append(s.dice)
     dice = {k: nanmean(v) for k, v in per_class.items()}
-    return {"method": method, "budget": budget, "dice": dice, "mean_dice": nanmean(list(dice.values())),
-            "train_slices": int(n), "steps": steps, "train_s": round(train_s, 1),
-            "trainable_params": int(sum(p.numel() for p in params))}
+    return {
+        "method": method,
+        "budget": budget,
+        "dice": dice,
+        "mean_dice": nanmean(list(dice.values())),
+        "train_slices": int(n),
+        "steps": steps,
+        "train_s": round(train_s, 1),
+        "trainable_params": int(sum(p.numel() for p in params)),
+    }
 
 
 def plot(results: dict, path: Path) -> None:
@@ -217,13 +244,17 @@ def plot(results: dict, path: Path) -> None:
 
     parts = [r for r in results["datasets"] if r["runs"]]
     fig, axes = plt.subplots(1, len(parts), figsize=(5.5 * len(parts), 4.2), squeeze=False)
-    for ax, part in zip(axes[0], parts):
+    for ax, part in zip(axes[0], parts, strict=True):
         budgets = sorted({r["budget"] for r in part["runs"]})
         for method in METHODS:
             runs = sorted((r for r in part["runs"] if r["method"] == method), key=lambda r: r["budget"])
             if runs:
-                ax.plot([r["budget"] for r in runs], [r["mean_dice"] for r in runs], marker="o",
-                        label="UNet from scratch" if method == "unet" else f"frozen SAM2 + {method} head")
+                ax.plot(
+                    [r["budget"] for r in runs],
+                    [r["mean_dice"] for r in runs],
+                    marker="o",
+                    label="UNet from scratch" if method == "unet" else f"frozen SAM2 + {method} head",
+                )
         ax.set_xscale("log", base=2)
         ax.set_xticks(budgets, [str(b) if b != budgets[-1] else f"all ({b})" for b in budgets])
         ax.set_xlabel(f"labeled {part['budget_unit']}")
@@ -233,13 +264,17 @@ def plot(results: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     enc = results["settings"]["encoder"]
-    fig.suptitle(f"Few-shot Dice vs labeled data ({enc}, {results['settings']['image_size']} px, "
-                 f"{results['settings']['epochs']} epochs)", fontsize=10)
+    fig.suptitle(
+        f"Few-shot Dice vs labeled data ({enc}, {results['settings']['image_size']} px, "
+        f"{results['settings']['epochs']} epochs)",
+        fontsize=10,
+    )
     fig.tight_layout()
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png")
     os.close(fd)
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
 
 
@@ -247,6 +282,7 @@ def write_atomic(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=path.suffix)
     with os.fdopen(fd, "w") as f:
         f.write(text)
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
     os.replace(tmp, path)
 
 
@@ -254,17 +290,34 @@ def write_section(results: dict, path: Path, png: Path, json_path: Path) -> None
     """Replace this benchmark's section of docs/results.md (between its marker comments)."""
     s = results["settings"]
     begin, end = f"<!-- begin: {SECTION} -->", f"<!-- end: {SECTION} -->"
-    lines = [begin, f"## {SECTION}", "",
-             "Dice per class on held-out data vs the number of labeled volumes, for a frozen SAM2 encoder "
-             "with each prompt-free head and for MONAI's `UNet` trained from scratch, all with the same "
-             f"labeled slices and the same {s['epochs']} epochs (batch {s['batch_size']}, AdamW lr {s['lr']}, "
-             f"DiceCE loss), at {s['image_size']} px. Encoder: {s['encoder']}. Command: `{s['command']}` "
-             f"({s['device']}, {s['total_minutes']:.1f} min). Data in `{json_path.name}`, plot "
-             f"`{png.name}`.", ""]
+    lines = [
+        begin,
+        f"## {SECTION}",
+        "",
+        "Dice per class on held-out data vs the number of labeled volumes, for a frozen SAM2 encoder "
+        "with each prompt-free head and for MONAI's `UNet` trained from scratch, all with the same "
+        f"labeled slices and the same {s['epochs']} epochs (batch {s['batch_size']}, AdamW lr {s['lr']}, "
+        f"DiceCE loss), at {s['image_size']} px. Encoder: {s['encoder']}. Command: `{s['command']}` "
+        f"({s['device']}, {s['total_minutes']:.1f} min). Data in `{json_path.name}`, plot "
+        f"`{png.name}`.",
+        "",
+    ]
     if "random" in s["encoder"]:
-        lines += ["**Random-init encoder** (no official SAM2 weights can be downloaded here): the heads learn on "
-                  "random features, so these figures test the pipeline and compare the heads' capacity on "
-                  "such features; they say nothing about SAM's pretraining. Rerun with `--checkpoint` for that.", ""]
+        lines += [
+            "**Random-init encoder** (no official SAM2 weights can be downloaded here): the heads learn on "
+            "random features, so these figures test the pipeline and compare the heads' capacity on "
+            "such features; they say nothing about SAM's pretraining. Rerun with `--checkpoint` for that.",
+            "",
+        ]
+    lines += [
+        "How to read it: one seed; every method gets the same epochs and learning rate, so a small "
+        f"budget means few optimizer steps (with 1 labeled cardiac volume, {s['epochs']} steps of "
+        f"{s['batch_size']} slices). "
+        "A Dice of 0 for a class means the model predicted none of it on the test data (an under-trained "
+        "head predicting background), not a wrong location. The per-class Dice are 3D, on the test "
+        "volumes (cardiac: averaged over volumes; CT: over the stacked test slices).",
+        "",
+    ]
     for part in results["datasets"]:
         lines.append(f"### {part['name']}")
         lines.append("")
@@ -277,14 +330,16 @@ def write_section(results: dict, path: Path, png: Path, json_path: Path) -> None
         lines.append("|---|---|---|" + "---|" * len(names) + "---|---|")
         for r in sorted(part["runs"], key=lambda r: (METHODS.index(r["method"]), r["budget"])):
             cells = " | ".join(f"{r['dice'][n]:.3f}" for n in names)
-            lines.append(f"| {r['method']} | {r['budget']} | {r['train_slices']} | {cells} | "
-                         f"**{r['mean_dice']:.3f}** | {r['train_s']} |")
+            lines.append(
+                f"| {r['method']} | {r['budget']} | {r['train_slices']} | {cells} | "
+                f"**{r['mean_dice']:.3f}** | {r['train_s']} |"
+            )
         lines.append("")
     lines.append(f"![few-shot Dice]({png.name})")
     lines.append(end)
     text = path.read_text() if path.exists() else "# Results\n"
     if begin in text:
-        text = text[: text.index(begin)] + "\n".join(lines) + text[text.index(end) + len(end):]
+        text = text[: text.index(begin)] + "\n".join(lines) + text[text.index(end) + len(end) :]
     else:
         text = text.rstrip() + "\n\n" + "\n".join(lines) + "\n"
     write_atomic(path, text)
@@ -292,25 +347,47 @@ def write_section(results: dict, path: Path, png: Path, json_path: Path) -> None
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="small run for a shared CPU (about 20 min on 2 cores)")
+    p.add_argument(
+        "--quick", action="store_true", help="small run for a shared CPU (about 20 min on 2 cores)"
+    )
     p.add_argument("--model-size", default="sam2.1_hiera_t")
-    p.add_argument("--checkpoint", default=None, help="official SAM2 checkpoint (default: random init / demo)")
+    p.add_argument(
+        "--checkpoint", default=None, help="official SAM2 checkpoint (default: random init / demo)"
+    )
     p.add_argument("--image-size", type=int, default=None, help="encoder input px (default 256, quick 128)")
     p.add_argument("--epochs", type=int, default=None, help="epochs for every method (default 60, quick 15)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--budgets", type=int, nargs="+", default=[1, 2, 4], help="labeled volumes, 'all' is added")
-    p.add_argument("--train-volumes", type=int, default=None, help="cardiac labeled pool (default 8, quick 4)")
-    p.add_argument("--test-volumes", type=int, default=None, help="cardiac test phantoms (default 4, quick 2)")
-    p.add_argument("--cardiac-shape", type=int, nargs=3, default=None, help="phantom voxels (default 192 192 12, quick 96 96 8)")
+    p.add_argument(
+        "--budgets", type=int, nargs="+", default=[1, 2, 4], help="labeled volumes, 'all' is added"
+    )
+    p.add_argument(
+        "--train-volumes", type=int, default=None, help="cardiac labeled pool (default 8, quick 4)"
+    )
+    p.add_argument(
+        "--test-volumes", type=int, default=None, help="cardiac test phantoms (default 4, quick 2)"
+    )
+    p.add_argument(
+        "--cardiac-shape",
+        type=int,
+        nargs=3,
+        default=None,
+        help="phantom voxels (default 192 192 12, quick 96 96 8)",
+    )
     p.add_argument("--ct-slab", type=int, default=3, help="slices per CT slab")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "results_few_shot.json")
     p.add_argument("--plot", type=Path, default=ROOT / "docs" / "few_shot_dice.png")
     p.add_argument("--results-md", type=Path, default=ROOT / "docs" / "results.md")
+    p.add_argument("--from-json", action="store_true", help="only redraw the plot and table from --out")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.from_json:
+        results = json.loads(args.out.read_text())
+        plot(results, args.plot)
+        write_section(results, args.results_md, args.plot, args.out)
+        return 0
     q = args.quick
     image_size = args.image_size or (128 if q else 256)
     epochs = args.epochs or (15 if q else 60)
@@ -321,7 +398,8 @@ def main() -> int:
     t_start = time.time()
     torch.manual_seed(args.seed)
     sam = build_model(args.model_size, args.checkpoint, image_size, device)
-    encoder = f"{args.model_size} {'from ' + Path(args.checkpoint).name if args.checkpoint else 'random init / demo'}"
+    weights = f"from {Path(args.checkpoint).name}" if args.checkpoint else "random init / demo"
+    encoder = f"{args.model_size} {weights}"
     # one segmenter encodes every level any head reads (AutoSAM's high-resolution ones included)
     encoder_seg = PromptFreeSamSegmenter(sam, "autosam", [1]).to(device).eval()
 
@@ -330,28 +408,63 @@ def main() -> int:
     results = {"benchmark": "few_shot", "datasets": []}
     for ds in [*datasets, ct]:
         if ds is None:
-            results["datasets"].append({"name": "real CT (TotalSegmentator example)", "classes": CT_ORGANS,
-                                        "budget_unit": "slabs", "note": f"{CT_DIR} is absent", "runs": []})
+            results["datasets"].append(
+                {
+                    "name": "real CT (TotalSegmentator example)",
+                    "classes": CT_ORGANS,
+                    "budget_unit": "slabs",
+                    "note": f"{CT_DIR} is absent",
+                    "runs": [],
+                }
+            )
             continue
         t0 = time.time()
         prepare(ds.pool + ds.test, encoder_seg, image_size, device)
-        logger.info("%s: encoded %d slices in %.0f s", ds.name,
-                    sum(u.label.shape[-1] for u in ds.pool + ds.test), time.time() - t0)
+        logger.info(
+            "%s: encoded %d slices in %.0f s",
+            ds.name,
+            sum(u.label.shape[-1] for u in ds.pool + ds.test),
+            time.time() - t0,
+        )
         runs = []
         for method in args.methods:
             for budget in ds.budgets:
-                r = train_and_test(method, sam, ds, budget, epochs, args.batch_size, args.lr, args.seed, device)
-                logger.info("%s | %s | %d %s: mean Dice %.3f %s (%d steps, %.0f s)", ds.name, method, budget,
-                            ds.budget_unit, r["mean_dice"], {k: round(v, 3) for k, v in r["dice"].items()},
-                            r["steps"], r["train_s"])
+                r = train_and_test(
+                    method, sam, ds, budget, epochs, args.batch_size, args.lr, args.seed, device
+                )
+                logger.info(
+                    "%s | %s | %d %s: mean Dice %.3f %s (%d steps, %.0f s)",
+                    ds.name,
+                    method,
+                    budget,
+                    ds.budget_unit,
+                    r["mean_dice"],
+                    {k: round(v, 3) for k, v in r["dice"].items()},
+                    r["steps"],
+                    r["train_s"],
+                )
                 runs.append(r)
-        results["datasets"].append({"name": ds.name, "classes": ds.classes, "budget_unit": ds.budget_unit,
-                                    "note": ds.note, "budgets": ds.budgets, "runs": runs})
+        results["datasets"].append(
+            {
+                "name": ds.name,
+                "classes": ds.classes,
+                "budget_unit": ds.budget_unit,
+                "note": ds.note,
+                "budgets": ds.budgets,
+                "runs": runs,
+            }
+        )
     cmd = "python scripts/benchmark_few_shot.py" + " ".join([""] + sys.argv[1:])
     results["settings"] = {
-        "encoder": encoder, "image_size": image_size, "epochs": epochs, "batch_size": args.batch_size,
-        "lr": args.lr, "seed": args.seed, "command": cmd.strip(),
-        "device": torch.cuda.get_device_name() if device.type == "cuda"
+        "encoder": encoder,
+        "image_size": image_size,
+        "epochs": epochs,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "seed": args.seed,
+        "command": cmd.strip(),
+        "device": torch.cuda.get_device_name()
+        if device.type == "cuda"
         else f"CPU, {torch.get_num_threads()} threads ({platform.processor() or platform.machine()})",
         "total_minutes": (time.time() - t_start) / 60,
     }
