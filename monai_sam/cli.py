@@ -64,7 +64,7 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "convert",
-        help="convert a downloaded public dataset (BTCV, MSD, ACDC, REFUGE) to the Decathlon layout",
+        help="convert a downloaded public dataset (BTCV, MSD, ACDC, REFUGE, LiTS) to the Decathlon layout",
         description="Write imagesTr/, labelsTr/ and dataset.json from a public dataset's own layout.",
     )
     p.add_argument("dataset", choices=sorted(CONVERTERS))

@@ -17,6 +17,7 @@ from monai_sam.data.converters import (
     REFUGE_LABELS,
     LayoutError,
     convert_acdc,
+    convert_lits,
     convert_btcv,
     convert_msd,
     convert_refuge,
@@ -361,5 +362,6 @@ def test_refuge_errors(tmp_path: Path) -> None:
 
 def test_converters_registry() -> None:
     assert CONVERTERS == {
-        "btcv": convert_btcv, "msd": convert_msd, "acdc": convert_acdc, "refuge": convert_refuge
+        "btcv": convert_btcv, "msd": convert_msd, "acdc": convert_acdc, "refuge": convert_refuge,
+        "lits": convert_lits,
     }

@@ -962,4 +962,5 @@ CONVERTERS: dict[str, Callable[..., Path]] = {
     "msd": convert_msd,
     "acdc": convert_acdc,
     "refuge": convert_refuge,
+    "lits": convert_lits,
 }
