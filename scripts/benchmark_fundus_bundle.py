@@ -129,7 +129,7 @@ def _row(result: dict) -> str:
     return (
         f"| `{result['command']}` | {s['model_size']} {s['image_size']} px, "
         f"{s['checkpoint'] or 'random init'}, lr {s['learning_rates']}, {s['epochs']} epochs | "
-        f"{result['device']} (load {result['load_average_at_start'][0]:.1f}) | "
+        f"{result['device']} (load {result['load_average_at_start'][0]:.1f} at start) | "
         f"{result['train_seconds'] / 60:.1f} min | {result['epochs'][0]['seconds']:.0f} s | "
         f"{sum(later) / len(later):.0f} s | "
         f"{best.get('val_mean_dice', float('nan')):.3f} ({best['epoch']}) | "
@@ -155,7 +155,8 @@ def write_section(runs: list[dict], path: Path) -> None:
         "box per region from the reference label); vCDR MAE is the mean absolute error of the vertical "
         "cup-to-disc ratio, 'vCDR n/a' the photographs without a predicted disc. Random weights (no "
         "checkpoint can be downloaded here): the figures show that the pipeline trains end to end, not what "
-        "SAM does on real eyes. Wall times are on a CPU shared with other jobs (the load average is given).",
+        "SAM does on real eyes. Wall times are on a CPU shared with other jobs (the 1-minute load "
+        "average when the run started is given; it moved during the runs).",
         "",
         "| command | model | device | train wall time | epoch 1 (encoder + cache fill) "
         "| later epochs (cached) | best val mean Dice (epoch) | Dice disc | IoU disc | Dice cup | IoU cup "

@@ -291,7 +291,10 @@ class Sam2ImageSegmenter(Sam2VolumeSegmenter):
 
     The single prompted slice is a conditioning frame with an empty memory bank, so SAM2 adds
     ``no_mem_embed`` to its lowest-resolution features and runs the SAM heads, which is what
-    ``SAM2ImagePredictor`` does. What this class adds: targets from the objects' masks on the
+    ``SAM2ImagePredictor`` does. One difference remains: like SAM2's video path, this one blanks
+    a mask whose object score says "absent", which the image predictor ignores; a prompted region
+    is present, and `monai_sam.engines.mask_loss.MaskPredictionLoss` trains the score to say so.
+    What this class adds: targets from the objects' masks on the
     low-resolution grid (``image_size / 4``) for the frozen-encoder trainer, a 2D `predict`, and
     memory kept in float32 (one slice: nothing to save).
 
