@@ -29,8 +29,11 @@ def phantom():
     ph = make_phantom("ct", 0, shape=(64, 64, 16), spacing=(3.2, 3.2, 10.0))
     label = ph.label.astype(np.int64)
     label[label == 6] = 1  # tumours count as liver
-    image = MetaTensor(torch.as_tensor(ph.image[None], dtype=torch.float32), affine=torch.as_tensor(ph.affine),
-                       meta={"filename_or_obj": "phantom_ct_000.nii.gz"})
+    image = MetaTensor(
+        torch.as_tensor(ph.image[None], dtype=torch.float32),
+        affine=torch.as_tensor(ph.affine),
+        meta={"filename_or_obj": "phantom_ct_000.nii.gz"},
+    )
     return image, label
 
 
@@ -59,10 +62,10 @@ def test_prompts_come_from_the_key_slices_of_the_predicted_label(sam2):
     seg = PromptFreeSamSegmenter(sam2, "linear", [1, 2, 3], label_names={1: "rv", 2: "myo", 3: "lv"})
     label = np.zeros((30, 30, 6), dtype=np.int64)
     label[5:15, 5:12, 1:4] = 1
-    label[5:20, 5:20, 2] = 1          # class 1 is largest on slice 2
-    label[25:27, 25:27, 0:6] = 1      # a small separate blob: not the largest component, ignored
-    label[20:28, 2:9, 3:5] = 2        # class 2 on slices 3-4, equal areas: the lower index wins
-    label[0:2, 0:2, 5] = 3            # 4 pixels of class 3: below min_area, "not found"
+    label[5:20, 5:20, 2] = 1  # class 1 is largest on slice 2
+    label[25:27, 25:27, 0:6] = 1  # a small separate blob: not the largest component, ignored
+    label[20:28, 2:9, 3:5] = 2  # class 2 on slices 3-4, equal areas: the lower index wins
+    label[0:2, 0:2, 5] = 3  # 4 pixels of class 3: below min_area, "not found"
     prompter = AutoPrompter(seg, None, prompt="mask", min_area=5)
     objects = prompter.prompts_from_label(label)
     assert [o.object_id for o in objects] == [1, 2] and [o.name for o in objects] == ["rv", "myo"]
@@ -73,7 +76,9 @@ def test_prompts_come_from_the_key_slices_of_the_predicted_label(sam2):
     validate_prompts(objects, (30, 30), 6)
     boxes = AutoPrompter(seg, None, prompt="box", min_area=5).prompts_from_label(label)
     assert np.array_equal(boxes[1].slices[0].box, box_from_mask(label[..., 3] == 2))
-    middle = AutoPrompter(seg, None, key_slices="middle", num_key_slices=2, min_area=5).prompts_from_label(label)
+    middle = AutoPrompter(seg, None, key_slices="middle", num_key_slices=2, min_area=5).prompts_from_label(
+        label
+    )
     assert middle[0].key_slices == [1, 3]  # evenly spaced through slices 1-3
     with pytest.raises(ValueError, match="not classes of the head"):
         AutoPrompter(seg, None, object_ids=[4])
@@ -118,7 +123,9 @@ def test_auto_promptd_explains_when_nothing_is_found(phantom):
 
 def test_missing_head_checkpoint_is_named(sam2, phantom, tmp_path):
     seg = PromptFreeSamSegmenter(sam2, "linear", [1])
-    prompter = AutoPrompter(seg, "abdomen", checkpoint=tmp_path / "models" / "model.pt", model_name="sam2.1_hiera_t")
+    prompter = AutoPrompter(
+        seg, "abdomen", checkpoint=tmp_path / "models" / "model.pt", model_name="sam2.1_hiera_t"
+    )
     with pytest.raises(FileNotFoundError, match="models/model.pt does not exist"):
         prompter(phantom[0])
     with pytest.raises(ValueError, match="unknown intensity"):
@@ -138,9 +145,18 @@ def test_ct_bundle_runs_fully_automatically(tmp_path):
     train = [str(configs / "train.yaml"), str(configs / "train_autoprompt_head.yaml")]
     infer = [str(configs / "train.yaml"), str(configs / "inference.yaml")]
     root, data = tmp_path / "bundle", tmp_path / "data"
-    tiny = {"bundle_root": str(root), "dataset_dir": str(data), "num_phantoms": 3, "phantom_shape": [48, 48, 16],
-            "phantom_spacing": [4.3, 4.3, 10.0], "image_size": SIZE, "epochs": 2, "val_interval": 2,
-            "autoprompt_head": "linear", "learning_rates": {"head": 1e-2}}
+    tiny = {
+        "bundle_root": str(root),
+        "dataset_dir": str(data),
+        "num_phantoms": 3,
+        "phantom_shape": [48, 48, 16],
+        "phantom_spacing": [4.3, 4.3, 10.0],
+        "image_size": SIZE,
+        "epochs": 2,
+        "val_interval": 2,
+        "autoprompt_head": "linear",
+        "learning_rates": {"head": 1e-2},
+    }
     wf = ConfigWorkflow(config_file=train, workflow_type="train", **tiny)
     wf.initialize()
     assert wf.check_properties() in (None, []), wf.check_properties()
@@ -153,8 +169,14 @@ def test_ct_bundle_runs_fully_automatically(tmp_path):
     single = tmp_path / "single"
     single.mkdir()
     os.symlink(data / "imagesTr" / "phantom_ct_000.nii.gz", single / "phantom_ct_000.nii.gz")
-    wf = ConfigWorkflow(config_file=infer, workflow_type="infer", **tiny, prompt_source="auto",
-                        input_dir=str(single), inference_output_dir=str(tmp_path / "pred"))
+    wf = ConfigWorkflow(
+        config_file=infer,
+        workflow_type="infer",
+        **tiny,
+        prompt_source="auto",
+        input_dir=str(single),
+        inference_output_dir=str(tmp_path / "pred"),
+    )
     wf.initialize()
     assert wf.check_properties() in (None, []), wf.check_properties()
     prompter = wf.parser.get_parsed_content("auto_prompter")
@@ -165,7 +187,9 @@ def test_ct_bundle_runs_fully_automatically(tmp_path):
     torch.save({"model": ckpt.state_dict()}, root / "models" / "model.pt")
     wf.run()
     outs = list((tmp_path / "pred").glob("*.nii.gz"))
-    assert [p.name for p in outs] == ["phantom_ct_000_seg_auto_prompts.nii.gz"], "auto prompts are named apart"
+    assert [p.name for p in outs] == ["phantom_ct_000_seg_auto_prompts.nii.gz"], (
+        "auto prompts are named apart"
+    )
     ref = nib.load(data / "imagesTr" / "phantom_ct_000.nii.gz")
     pred = nib.load(outs[0])
     assert pred.shape == ref.shape and np.allclose(pred.affine, ref.affine, atol=1e-4)

@@ -9,14 +9,13 @@ from monai.data import MetaTensor
 from monai.losses import DiceCELoss
 from torch.utils.data import DataLoader
 
+from monai_sam.inferers import PromptFreeSliceInferer
 from monai_sam.networks import (
     HEADS,
-    AutoSamHead,
     PromptFreeSamSegmenter,
     build_prompt_free_segmenter,
     build_sam2_model,
 )
-from monai_sam.inferers import PromptFreeSliceInferer
 from monai_sam.transforms import SamInput
 
 SIZE = 128
@@ -58,7 +57,11 @@ def test_encoder_is_frozen_and_features_round_trip_through_the_cache_format(sam2
     seg = PromptFreeSamSegmenter(sam2, "autosam", [1, 2])
     assert not any(p.requires_grad for p in seg.image_encoder.parameters())
     assert all(p.requires_grad for p in seg.head.parameters())
-    assert seg.feature_keys == ("embedding", "high_res_0", "high_res_1")  # SAM2's decoder uses high-res levels
+    assert seg.feature_keys == (
+        "embedding",
+        "high_res_0",
+        "high_res_1",
+    )  # SAM2's decoder uses high-res levels
     assert raw["embedding"].shape == (2, 256, SIZE // 16, SIZE // 16)
     assert raw["high_res_0"].shape == (2, 256, SIZE // 4, SIZE // 4)
     per_frame = seg.split_encoded(raw)
@@ -81,24 +84,34 @@ def test_autosam_head_starts_from_the_decoder_of_an_official_format_checkpoint(s
     path = tmp_path / "sam2.1_hiera_tiny.pt"
     torch.save({"model": sam2.state_dict()}, path)  # the official layout
     torch.manual_seed(12345)  # another random init: what matches must come from the file
-    seg = build_prompt_free_segmenter("sam2.1_hiera_t", checkpoint=str(path), image_size=SIZE,
-                                      head="autosam", object_ids=[1, 2, 3, 4, 5])
+    seg = build_prompt_free_segmenter(
+        "sam2.1_hiera_t", checkpoint=str(path), image_size=SIZE, head="autosam", object_ids=[1, 2, 3, 4, 5]
+    )
     sd = torch.load(path, weights_only=True)["model"]
     head = seg.head.state_dict()
-    copied = [k for k in sd if k.startswith("sam_mask_decoder.") and "mask_tokens" not in k
-              and "output_hypernetworks_mlps" not in k]
+    copied = [
+        k
+        for k in sd
+        if k.startswith("sam_mask_decoder.")
+        and "mask_tokens" not in k
+        and "output_hypernetworks_mlps" not in k
+    ]
     assert copied
     for k in copied:  # transformer, upscaling, conv_s0/s1, IoU / object-score heads: as in the file
-        assert torch.equal(head["decoder." + k[len("sam_mask_decoder."):]], sd[k]), k
+        assert torch.equal(head["decoder." + k[len("sam_mask_decoder.") :]], sd[k]), k
     tokens = sd["sam_mask_decoder.mask_tokens.weight"]
     assert head["decoder.mask_tokens.weight"].shape == (6, 256)  # background + 5 classes
     for c in range(6):  # class c starts from SAM's output token and hypernetwork MLP c % 4
         assert torch.equal(head["decoder.mask_tokens.weight"][c], tokens[c % 4])
-        assert torch.equal(head[f"decoder.output_hypernetworks_mlps.{c}.layers.0.weight"],
-                           sd[f"sam_mask_decoder.output_hypernetworks_mlps.{c % 4}.layers.0.weight"])
+        assert torch.equal(
+            head[f"decoder.output_hypernetworks_mlps.{c}.layers.0.weight"],
+            sd[f"sam_mask_decoder.output_hypernetworks_mlps.{c % 4}.layers.0.weight"],
+        )
     assert torch.equal(head["no_mask_embed.weight"], sd["sam_prompt_encoder.no_mask_embed.weight"])
-    assert torch.equal(head["pe_layer.positional_encoding_gaussian_matrix"],
-                       sd["sam_prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"])
+    assert torch.equal(
+        head["pe_layer.positional_encoding_gaussian_matrix"],
+        sd["sam_prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"],
+    )
     assert torch.equal(head["no_mem_embed"], sd["no_mem_embed"])
     enc = seg.image_encoder.state_dict()
     assert all(torch.equal(v, sd["image_encoder." + k]) for k, v in enc.items())
@@ -116,15 +129,21 @@ def test_autosam_head_on_sam_v1_decoder():
     seg = PromptFreeSamSegmenter(sam, "autosam", [1, 2, 3])
     assert seg.image_size == 1024 and seg.feature_keys == ("embedding",)
     assert torch.equal(seg.head.decoder.mask_tokens.weight[3], sam.mask_decoder.mask_tokens.weight[3])
-    assert torch.equal(seg.head.decoder.transformer.layers[0].self_attn.q_proj.weight,
-                       sam.mask_decoder.transformer.layers[0].self_attn.q_proj.weight)
+    assert torch.equal(
+        seg.head.decoder.transformer.layers[0].self_attn.q_proj.weight,
+        sam.mask_decoder.transformer.layers[0].self_attn.q_proj.weight,
+    )
     assert seg.head.no_mem_embed is None
     feats = {"embedding": torch.randn(3, 256, 64, 64)}
     out = seg(None, features=feats, output_size=(216, 256))
     assert out.shape == (3, 4, 216, 256)
     # per image: batching images gives the same logits as one at a time
-    torch.testing.assert_close(out[1:2], seg(None, features={"embedding": feats["embedding"][1:2]},
-                                             output_size=(216, 256)), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        out[1:2],
+        seg(None, features={"embedding": feats["embedding"][1:2]}, output_size=(216, 256)),
+        rtol=1e-4,
+        atol=1e-4,
+    )
 
 
 def test_training_inputs_map_label_values_to_classes(sam2):
@@ -180,16 +199,29 @@ def test_frozen_encoder_trainer_trains_only_the_head_with_the_feature_cache(sam2
     torch.manual_seed(0)
     seg = PromptFreeSamSegmenter(sam2, "conv", [1, 2, 3])
     groups = trainable_param_groups(seg, {"head": 1e-3})
-    assert sum(p.numel() for g in groups for p in g["params"]) == sum(p.numel() for p in seg.head.parameters())
+    assert sum(p.numel() for g in groups for p in g["params"]) == sum(
+        p.numel() for p in seg.head.parameters()
+    )
     enc_before = {k: v.clone() for k, v in seg.image_encoder.state_dict().items()}
     head_before = {k: v.clone() for k, v in seg.head.state_dict().items()}
-    cache = FeatureCache(tmp_path / "cache", encoder_identity("sam2.1_hiera_t", seg.image_encoder, SIZE,
-                                                              {"features": seg.cached_features}))
+    cache = FeatureCache(
+        tmp_path / "cache",
+        encoder_identity("sam2.1_hiera_t", seg.image_encoder, SIZE, {"features": seg.cached_features}),
+    )
     losses = []
     loader = DataLoader([_slices()], batch_size=1, collate_fn=collate_slices)
-    trainer = FrozenEncoderTrainer("cpu", 2, loader, seg, torch.optim.AdamW(groups),
-                                   loss_function=DiceCELoss(to_onehot_y=True, softmax=True), feature_cache=cache)
-    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(float(e.state.output["loss"])))
+    trainer = FrozenEncoderTrainer(
+        "cpu",
+        2,
+        loader,
+        seg,
+        torch.optim.AdamW(groups),
+        loss_function=DiceCELoss(to_onehot_y=True, softmax=True),
+        feature_cache=cache,
+    )
+    trainer.add_event_handler(
+        Events.ITERATION_COMPLETED, lambda e: losses.append(float(e.state.output[0]["loss"]))
+    )
     trainer.run()
     assert len(losses) == 2 and all(np.isfinite(losses))
     assert cache.stats.misses == 2 and cache.stats.hits == 2, "epoch 2 reads both slices from the cache"
@@ -211,7 +243,9 @@ def test_slice_inferer_resize_mode_matches_the_network_on_each_slice(sam2):
     torch.manual_seed(0)
     seg = PromptFreeSamSegmenter(sam2, "linear", [4, 2]).eval()
     vol = torch.rand(1, 40, 36, 3)
-    meta = MetaTensor(vol, affine=torch.diag(torch.tensor([2.0, 2.0, 5.0, 1.0])), meta={"filename_or_obj": "v.nii.gz"})
+    meta = MetaTensor(
+        vol, affine=torch.diag(torch.tensor([2.0, 2.0, 5.0, 1.0])), meta={"filename_or_obj": "v.nii.gz"}
+    )
     label, probs = PromptFreeSliceInferer(output="both", sw_batch_size=2)(meta, seg)
     assert label.shape == (1, 40, 36, 3) and probs.shape == (3, 40, 36, 3)
     assert isinstance(label, MetaTensor) and label.meta["filename_or_obj"] == "v.nii.gz"

@@ -54,7 +54,9 @@ def few_shot_datalist(datalist: Sequence[dict], num_labeled: int | str = "all") 
     if n < 1:
         raise ValueError(f"num_labeled_volumes must be at least 1, got {num_labeled}")
     if n > len(cases):
-        raise ValueError(f"num_labeled_volumes={n} but the training split holds only {len(cases)} labeled volume(s)")
+        raise ValueError(
+            f"num_labeled_volumes={n} but the training split holds only {len(cases)} labeled volume(s)"
+        )
     return cases[:n]
 
 
@@ -91,7 +93,11 @@ class PromptFreeVolumeEvaluator(SupervisedEvaluator):
         if inferer.output != "label":
             raise ValueError(f"the evaluator's inferer must output labels, not {inferer.output!r}")
         super().__init__(
-            device=torch.device(device), val_data_loader=val_data_loader, network=network, inferer=inferer, **kwargs
+            device=torch.device(device),
+            val_data_loader=val_data_loader,
+            network=network,
+            inferer=inferer,
+            **kwargs,
         )
 
     def _iteration(self, engine, batchdata: list[dict]) -> dict[str, Any]:  # type: ignore[override]
@@ -105,7 +111,9 @@ class PromptFreeVolumeEvaluator(SupervisedEvaluator):
                 f"image {tuple(image.shape)} and label {tuple(label.shape)} of "
                 f"{getattr(label, 'meta', {}).get('filename_or_obj', 'a case')} are on different grids"
             )
-        pred = plain_tensor(self.inferer(plain_tensor(image).to(self.state.device), seg)).cpu()  # (1, H, W, T)
+        pred = plain_tensor(
+            self.inferer(plain_tensor(image).to(self.state.device), seg)
+        ).cpu()  # (1, H, W, T)
         truth = torch.as_tensor(plain_tensor(label)).round().long()
         n = seg.num_classes
         engine.state.output = {

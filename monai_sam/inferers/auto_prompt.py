@@ -151,7 +151,8 @@ class AutoPrompter:
 
             if not os.path.isfile(self.checkpoint):
                 raise FileNotFoundError(
-                    f"auto-prompt head checkpoint {self.checkpoint} does not exist: train the prompt-free head "
+                    f"auto-prompt head checkpoint {self.checkpoint} does not exist: "
+                    "train the prompt-free head "
                     "first (the bundle's docs/README.md gives the command)"
                 )
             name = self.model_name or "unknown"
@@ -163,7 +164,9 @@ class AutoPrompter:
         self._load()
         where = _name(image)
         if image.ndim != 4 or image.shape[0] != 1:
-            raise ValueError(f"{where}: expected a (1, X, Y, Z) volume as load_volume returns, got {tuple(image.shape)}")
+            raise ValueError(
+                f"{where}: expected a (1, X, Y, Z) volume as load_volume returns, got {tuple(image.shape)}"
+            )
         x = convert_to_tensor(self.intensity(image), track_meta=False).float()
         depth = x.shape[-1]
         picked = list(range(0, depth, self.candidate_stride))
@@ -172,7 +175,8 @@ class AutoPrompter:
             probs = probs[1]
         if probs.shape[0] != self.segmenter.num_classes:
             raise ValueError(
-                f"the inferer must return probabilities ({self.segmenter.num_classes} channels), got {tuple(probs.shape)}"
+                f"the inferer must return probabilities ({self.segmenter.num_classes} channels), "
+                f"got {tuple(probs.shape)}"
             )
         classes = convert_to_tensor(probs, track_meta=False).argmax(0)
         label = np.zeros(tuple(x.shape[1:]), dtype=np.int64)

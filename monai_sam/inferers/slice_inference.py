@@ -19,7 +19,6 @@ the input's metadata, so ``Invertd`` brings it back to the file's orientation.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
@@ -118,7 +117,8 @@ class PromptFreeSliceInferer(Inferer):
         x = inputs if batched else inputs[None]
         if x.ndim != 5 or x.shape[1] not in (1, 3):
             raise ValueError(
-                f"inputs must be a (C, H, W, T) or (B, C, H, W, T) volume with 1 or 3 channels, got {tuple(inputs.shape)}"
+                "inputs must be a (C, H, W, T) or (B, C, H, W, T) volume with 1 or 3 channels, "
+                f"got {tuple(inputs.shape)}"
             )
         plain = convert_to_tensor(x, track_meta=False).float()
         s = seg.image_size
@@ -153,4 +153,3 @@ class PromptFreeSliceInferer(Inferer):
         if self.output == "probabilities":
             return probs
         return label, probs
-

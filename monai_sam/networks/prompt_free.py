@@ -62,7 +62,11 @@ def _family(model: nn.Module) -> str:
     """``"sam2"`` for a sam2 ``SAM2Base``, ``"sam"`` for a segment_anything ``Sam``."""
     if hasattr(model, "sam_mask_decoder") and hasattr(model, "image_encoder"):
         return "sam2"
-    if hasattr(model, "mask_decoder") and hasattr(model, "prompt_encoder") and hasattr(model, "image_encoder"):
+    if (
+        hasattr(model, "mask_decoder")
+        and hasattr(model, "prompt_encoder")
+        and hasattr(model, "image_encoder")
+    ):
         return "sam"
     raise TypeError(
         f"expected a sam2 SAM2Base or a segment_anything Sam (built by monai_sam.networks.build_model), "
@@ -317,7 +321,9 @@ class PromptFreeSamSegmenter(nn.Module):
         lookup = torch.zeros(max(ids) + 1, dtype=torch.long)
         lookup[torch.as_tensor(ids)] = torch.arange(1, len(ids) + 1)
         self.register_buffer("_class_of_label", lookup, persistent=False)
-        self.register_buffer("_label_of_class", torch.as_tensor([0, *ids], dtype=torch.long), persistent=False)
+        self.register_buffer(
+            "_label_of_class", torch.as_tensor([0, *ids], dtype=torch.long), persistent=False
+        )
 
     # ------------------------------------------------------------------ basics
     @property
@@ -370,7 +376,8 @@ class PromptFreeSamSegmenter(nn.Module):
             raise ValueError(f"frames must be (n, 3, S, S) SamInput slices, got {tuple(frames.shape)}")
         if tuple(frames.shape[-2:]) != (self.image_size, self.image_size):
             raise ValueError(
-                f"frames are {tuple(frames.shape[-2:])} px, the encoder takes {self.image_size} x {self.image_size}"
+                f"frames are {tuple(frames.shape[-2:])} px, "
+                f"the encoder takes {self.image_size} x {self.image_size}"
             )
         keys = self.feature_keys
         chunks: dict[str, list[Tensor]] = {k: [] for k in keys}
