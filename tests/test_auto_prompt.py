@@ -109,6 +109,9 @@ def test_auto_prompts_seed_memory_propagation_end_to_end(sam2, phantom, trained_
     seg = MemoryPropagationInferer(preprocess=SamInput(SIZE))(volume, Sam2VolumeSegmenter(sam2), two)
     assert seg.shape == (1, *label.shape)
     assert set(np.unique(seg.numpy()).tolist()) <= {0, 1, 2}
+    # key slices chosen among every other slice only (long volumes): the others are not predicted
+    sparse = AutoPrompter(trained_head, "abdomen", candidate_stride=2).predict(image)
+    assert not sparse[..., 1::2].any() and (sparse[..., ::2] == 1).any()
     # the dict transform for bundle pipelines
     d = AutoPromptd(prompter)({"image": image})
     assert [o.object_id for o in d["prompts"]] == [o.object_id for o in objects]
@@ -128,6 +131,10 @@ def test_missing_head_checkpoint_is_named(sam2, phantom, tmp_path):
     )
     with pytest.raises(FileNotFoundError, match="models/model.pt does not exist"):
         prompter(phantom[0])
+    from monai_sam.transforms import CTWindow, MRPercentileScale
+
+    assert isinstance(intensity_transform("mr"), MRPercentileScale)
+    assert isinstance(intensity_transform("liver"), CTWindow)
     with pytest.raises(ValueError, match="unknown intensity"):
         AutoPrompter(seg, "brain_mr")
 
