@@ -141,7 +141,7 @@ def test_missing_head_checkpoint_is_named(sam2, phantom, tmp_path):
 
 @pytest.mark.slow
 def test_ct_bundle_runs_fully_automatically(tmp_path):
-    """train_autoprompt_head.yaml trains the head; inference.yaml --prompt_source auto uses it as the prompter."""
+    """train_autoprompt_head.yaml trains the head; inference.yaml --prompt_source auto prompts with it."""
     import os
     from pathlib import Path
 
