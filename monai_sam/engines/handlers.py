@@ -96,7 +96,7 @@ class ClassMetricsWriter:
                 image = np.asarray(out["image"])[0]  # SAM input channel 0, resized to S x S
                 image = _resize_like(image, lab.shape)
             save_overlay(np.asarray(image), lab, pred, self.output_dir / "overlays" / f"{self.prefix}{case}.png",
-                         self.label_names, title=f"{case} ({self.prompt_source} prompts)", window=self.window)
+                         self.label_names, title=f"{case} ({_source_words(self.prompt_source)})", window=self.window)
 
     def _write(self, engine: Engine) -> None:
         self.scores = _gather_across_ranks(self.scores)
@@ -105,10 +105,15 @@ class ClassMetricsWriter:
         self.summary = summarize(self.scores)
         write_scores_csv(self.scores, self.output_dir / f"{self.prefix}metrics_per_case.csv")
         write_summary_csv(self.summary, self.output_dir / f"{self.prefix}metrics_summary.csv")
-        lines = [f"{'organ':<24}{'Dice':>8}{'HD95 mm':>10}{'sDice':>8}  ({self.prompt_source} prompts)"]
+        lines = [f"{'organ':<24}{'Dice':>8}{'HD95 mm':>10}{'sDice':>8}  ({_source_words(self.prompt_source)})"]
         for row in self.summary:
             lines.append(f"{row['name']:<24}{_fmt(row['dice'])}{_fmt(row['hd95_mm'], 10)}{_fmt(row['surface_dice'])}")
         logger.info("per-class metrics over %d case(s):\n%s", len({s.case for s in self.scores}), "\n".join(lines))
+
+
+def _source_words(prompt_source: str) -> str:
+    """How a table or picture says where the prompts came from (prompt-free heads have none)."""
+    return "no prompts" if prompt_source in ("none", "", None) else f"{prompt_source} prompts"
 
 
 def _is_rank_zero() -> bool:
