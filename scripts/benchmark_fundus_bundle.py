@@ -5,8 +5,8 @@ fresh ``bundle_root`` (so nothing is resumed), on the bundle's default data unle
 otherwise, and records the wall time of each epoch, the validation metrics after each epoch and
 the final evaluation table (optic disc / cup Dice and IoU, vertical cup-to-disc ratio error):
 
-    python scripts/benchmark_fundus_bundle.py                     # the default run (SAM2.1 hiera-t, 256 px)
-    python scripts/benchmark_fundus_bundle.py --override epochs=20 learning_rates="{'mask_decoder': 1e-3}"
+    python scripts/benchmark_fundus_bundle.py      # the default run (SAM2.1 hiera-t, 256 px, random init)
+    python scripts/benchmark_fundus_bundle.py --override epochs=20 learning_rates="{'mask_decoder': 1e-4}"
 
 Adds the run to docs/results_fundus.json (one run per command line; rerunning a command replaces
 its run) and writes the "Fundus optic disc / cup bundle" section of docs/results.md, one row per
@@ -192,7 +192,10 @@ def main() -> int:
     for item in args.override:
         key, _, value = item.partition("=")
         overrides[key] = _value(value)
-    command = "python scripts/benchmark_fundus_bundle.py" + "".join(f" --override {o}" for o in args.override)
+    command = "python scripts/benchmark_fundus_bundle.py" + "".join(
+        f" --override {k}={v}" if v.replace("_", "").replace(".", "").isalnum() else f' --override {k}="{v}"'
+        for k, _, v in (o.partition("=") for o in args.override)
+    )
     with tempfile.TemporaryDirectory(prefix="fundus-bench-") as tmp:
         result = {"command": command, **run(overrides, args.bundle_root or Path(tmp))}
     print(json.dumps(result, indent=2))
