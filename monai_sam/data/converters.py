@@ -121,6 +121,29 @@ def _prepare(src_dir: str | Path, out_dir: str | Path) -> tuple[Path, Path]:
     return src, out
 
 
+def _place_training_pairs(images: dict, labels: dict, name: Callable[[Any], str], out: Path, link: bool) -> list[dict]:
+    """Place each case's image and label as ``imagesTr/<name>`` / ``labelsTr/<name>``; the datalist entries."""
+    training = []
+    for case_id in sorted(images):
+        ext = _nifti_split(images[case_id].name)[1].lower()  # type: ignore[index]
+        lext = _nifti_split(labels[case_id].name)[1].lower()  # type: ignore[index]
+        stem = name(case_id)
+        _place(images[case_id], out / "imagesTr" / f"{stem}{ext}", link)
+        _place(labels[case_id], out / "labelsTr" / f"{stem}{lext}", link)
+        training.append({"image": f"./imagesTr/{stem}{ext}", "label": f"./labelsTr/{stem}{lext}"})
+    return training
+
+
+def _place_test_images(images: dict, name: Callable[[Any], str], out: Path, link: bool) -> list[str]:
+    """Place unlabeled test images as ``imagesTs/<name>``; their datalist paths."""
+    test = []
+    for case_id, path in sorted(images.items()):
+        ext = _nifti_split(path.name)[1].lower()  # type: ignore[index]
+        _place(path, out / "imagesTs" / f"{name(case_id)}{ext}", link)
+        test.append(f"./imagesTs/{name(case_id)}{ext}")
+    return test
+
+
 def _place(src_file: Path, dst: Path, link: bool) -> None:
     """Symlink (absolute target) or copy ``src_file`` to ``dst``, replacing an older ``dst``."""
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -282,20 +305,9 @@ def convert_btcv(src_dir: str | Path, out_dir: str | Path, *, link: bool = True)
             [images[i].name for i in set(images) - set(labels)],
             [labels[i].name for i in set(labels) - set(images)],
         )
-    training = []
-    for case_id in sorted(images):
-        ext = _nifti_split(images[case_id].name)[1].lower()  # type: ignore[index]
-        lext = _nifti_split(labels[case_id].name)[1].lower()  # type: ignore[index]
-        name = f"img{case_id}"
-        _place(images[case_id], out / "imagesTr" / f"{name}{ext}", link)
-        _place(labels[case_id], out / "labelsTr" / f"{name}{lext}", link)
-        training.append({"image": f"./imagesTr/{name}{ext}", "label": f"./labelsTr/{name}{lext}"})
-    test = []
-    if test_dir is not None:
-        for case_id, path in sorted(_btcv_index(test_dir, _BTCV_IMAGE).items()):
-            ext = _nifti_split(path.name)[1].lower()  # type: ignore[index]
-            _place(path, out / "imagesTs" / f"img{case_id}{ext}", link)
-            test.append(f"./imagesTs/img{case_id}{ext}")
+    training = _place_training_pairs(images, labels, lambda case_id: f"img{case_id}", out, link)
+    test_images = _btcv_index(test_dir, _BTCV_IMAGE) if test_dir is not None else {}
+    test = _place_test_images(test_images, lambda case_id: f"img{case_id}", out, link)
     content = _dataset_json(
         name="BTCV",
         description="Multi-atlas labeling beyond the cranial vault: abdomen CT, 13 organs",
@@ -549,19 +561,10 @@ def convert_lits(src_dir: str | Path, out_dir: str | Path, *, link: bool = True)
             [images[i].name for i in set(images) - set(labels)],
             [labels[i].name for i in set(labels) - set(images)],
         )
-    training = []
-    for case_id in sorted(images):
-        ext = _nifti_split(images[case_id].name)[1].lower()  # type: ignore[index]
-        lext = _nifti_split(labels[case_id].name)[1].lower()  # type: ignore[index]
-        name = f"lits_{case_id:03d}"
-        _place(images[case_id], out / "imagesTr" / f"{name}{ext}", link)
-        _place(labels[case_id], out / "labelsTr" / f"{name}{lext}", link)
-        training.append({"image": f"./imagesTr/{name}{ext}", "label": f"./labelsTr/{name}{lext}"})
-    test = []
-    for case_id, path in sorted(_lits_index(src, _LITS_TEST, "test volume").items()):
-        ext = _nifti_split(path.name)[1].lower()  # type: ignore[index]
-        _place(path, out / "imagesTs" / f"lits_test_{case_id:03d}{ext}", link)
-        test.append(f"./imagesTs/lits_test_{case_id:03d}{ext}")
+    training = _place_training_pairs(images, labels, lambda case_id: f"lits_{case_id:03d}", out, link)
+    test = _place_test_images(
+        _lits_index(src, _LITS_TEST, "test volume"), lambda case_id: f"lits_test_{case_id:03d}", out, link
+    )
     content = _dataset_json(
         name="LiTS",
         description="Liver Tumor Segmentation challenge: abdominal CT, liver and liver tumours",
