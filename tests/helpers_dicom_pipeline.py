@@ -138,3 +138,84 @@ def key_slice_iou(pred: np.ndarray, phantom, value: int = LIVER) -> float:
     k = key_slice(phantom.label, value)
     ref, got = phantom.label[..., k] == value, pred[..., k] == value
     return float((ref & got).sum() / max((ref | got).sum(), 1))
+
+
+ORTHANC_DICOMWEB_PLUGINS = (
+    "/usr/share/orthanc/plugins/libOrthancDicomWeb.so",
+    "/usr/lib/orthanc/plugins/libOrthancDicomWeb.so",
+)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_orthanc(root: Path, name: str = "MONAI_SAM_TEST"):
+    """Start an Orthanc with the DICOMweb plugin on a free loopback port (its own config and
+    storage under ``root``), yield its base URL once DICOMweb answers, stop it afterwards.
+
+    A generator for module fixtures: skips (or fails under MONAI_SAM_REQUIRE_SERVERS) when the
+    Debian packages orthanc / orthanc-dicomweb are missing.
+    """
+    import glob
+    import time
+
+    import requests
+
+    binary = need_binary("Orthanc", "orthanc")
+    candidates = [*ORTHANC_DICOMWEB_PLUGINS, *glob.glob("/usr/lib/*/orthanc/plugins/libOrthancDicomWeb.so")]
+    plugin = next((p for p in candidates if Path(p).is_file()), None)
+    if plugin is None:
+        message = "the Orthanc DICOMweb plugin is missing (Debian package orthanc-dicomweb)"
+        if require_servers():
+            pytest.fail(message + "; MONAI_SAM_REQUIRE_SERVERS is set, so this is an error")
+        pytest.skip(message)
+    port = free_port()
+    config = {
+        "Name": name,
+        "StorageDirectory": str(root / "storage"),
+        "IndexDirectory": str(root / "storage"),
+        "HttpPort": port,
+        "RemoteAccessAllowed": False,  # loopback clients only
+        "AuthenticationEnabled": False,
+        "DicomServerEnabled": False,  # DICOMweb only: no DICOM listener
+        "DicomPort": free_port(),
+        "Plugins": [plugin],
+        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+        "SaveJobs": False,
+    }
+    (root / "orthanc.json").write_text(json.dumps(config))
+    log = open(root / "orthanc.log", "w")
+    proc = subprocess.Popen(
+        [binary, str(root / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT, cwd=root
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if proc.poll() is not None:
+                tail = (root / "orthanc.log").read_text()[-3000:]
+                pytest.fail(f"Orthanc exited with {proc.returncode}:\n{tail}")
+            try:
+                if requests.get(f"{base}/system", timeout=2).ok and requests.get(
+                    f"{base}/dicom-web/studies", timeout=2
+                ).ok:
+                    break
+            except requests.ConnectionError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"Orthanc did not answer on {base}/system within 60 s")
+            time.sleep(0.3)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()

@@ -659,71 +659,9 @@ def test_real_server_with_monai_label_client(server, studies, checkpoint):
 @pytest.fixture(scope="module")
 def orthanc(tmp_path_factory):
     """An Orthanc with the DICOMweb plugin on a free loopback port (own config); stopped afterwards."""
-    import requests
-    from helpers_dicom_pipeline import need_binary, require_servers
+    from helpers_dicom_pipeline import run_orthanc
 
-    binary = need_binary("Orthanc", "orthanc")
-    plugin = next(
-        (
-            p
-            for p in (
-                "/usr/share/orthanc/plugins/libOrthancDicomWeb.so",
-                "/usr/lib/orthanc/plugins/libOrthancDicomWeb.so",
-            )
-            if Path(p).is_file()
-        ),
-        None,
-    )
-    if plugin is None:
-        message = "the Orthanc DICOMweb plugin is missing (Debian package orthanc-dicomweb)"
-        if require_servers():
-            pytest.fail(message + "; MONAI_SAM_REQUIRE_SERVERS is set, so this is an error")
-        pytest.skip(message)
-    root = tmp_path_factory.mktemp("orthanc")
-    port = _free_port()
-    config = {
-        "Name": "MONAI_SAM_LABEL_TEST",
-        "StorageDirectory": str(root / "db"),
-        "IndexDirectory": str(root / "db"),
-        "HttpPort": port,
-        "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False,
-        "DicomServerEnabled": False,
-        "DicomPort": _free_port(),
-        "Plugins": [plugin],
-        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
-        "SaveJobs": False,
-    }
-    (root / "orthanc.json").write_text(json.dumps(config))
-    log = open(root / "orthanc.log", "w")
-    proc = subprocess.Popen(
-        [binary, str(root / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT, cwd=root
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(
-                    f"Orthanc exited with {proc.returncode}:\n{(root / 'orthanc.log').read_text()[-3000:]}"
-                )
-            try:
-                if requests.get(f"{base}/dicom-web/studies", timeout=2).ok:
-                    break
-            except requests.ConnectionError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"Orthanc did not answer on {base} within 60 s")
-            time.sleep(0.3)
-        yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+    yield from run_orthanc(tmp_path_factory.mktemp("orthanc"), name="MONAI_SAM_LABEL_TEST")
 
 
 @pytest.mark.slow

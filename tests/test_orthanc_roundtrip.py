@@ -10,11 +10,7 @@ that series and overlays it.
 
 from __future__ import annotations
 
-import glob
 import json
-import socket
-import subprocess
-import time
 from pathlib import Path
 
 import pydicom
@@ -24,9 +20,8 @@ from helpers_dicom_pipeline import (
     base_checkpoint,
     key_slice_iou,
     mask_prompt_file,
-    need_binary,
     phantom_series,
-    require_servers,
+    run_orthanc,
     tiny_bundle,
 )
 
@@ -37,77 +32,11 @@ from monai_sam.io.dicom_seg import read_dicom_seg
 
 pytestmark = pytest.mark.slow
 
-PLUGIN_CANDIDATES = [
-    "/usr/share/orthanc/plugins/libOrthancDicomWeb.so",
-    "/usr/lib/orthanc/plugins/libOrthancDicomWeb.so",
-    *glob.glob("/usr/lib/*/orthanc/plugins/libOrthancDicomWeb.so"),
-]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def orthanc(tmp_path_factory):
     """An Orthanc with the DICOMweb plugin on a free loopback port; stopped after the module."""
-    binary = need_binary("Orthanc", "orthanc")
-    plugin = next((p for p in PLUGIN_CANDIDATES if Path(p).is_file()), None)
-    if plugin is None:
-        message = "the Orthanc DICOMweb plugin is missing (Debian package orthanc-dicomweb)"
-        if require_servers():
-            pytest.fail(message + "; MONAI_SAM_REQUIRE_SERVERS is set, so this is an error")
-        pytest.skip(message)
-    root = tmp_path_factory.mktemp("orthanc")
-    port = _free_port()
-    config = {
-        "Name": "MONAI_SAM_TEST",
-        "StorageDirectory": str(root / "storage"),
-        "IndexDirectory": str(root / "storage"),
-        "HttpPort": port,
-        "RemoteAccessAllowed": False,  # loopback clients only
-        "AuthenticationEnabled": False,
-        "DicomServerEnabled": False,  # DICOMweb only: no DICOM listener
-        "DicomPort": _free_port(),
-        "Plugins": [plugin],
-        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
-        "SaveJobs": False,
-    }
-    (root / "orthanc.json").write_text(json.dumps(config))
-    log = open(root / "orthanc.log", "w")
-    proc = subprocess.Popen(
-        [binary, str(root / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT, cwd=root
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 60
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(
-                    f"Orthanc exited with {proc.returncode}:\n{(root / 'orthanc.log').read_text()[-3000:]}"
-                )
-            try:
-                if (
-                    requests.get(f"{base}/system", timeout=2).ok
-                    and requests.get(f"{base}/dicom-web/studies", timeout=2).ok
-                ):
-                    break
-            except requests.ConnectionError:
-                pass
-            if time.time() > deadline:
-                pytest.fail(f"Orthanc did not answer on {base}/system within 60 s")
-            time.sleep(0.3)
-        yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+    yield from run_orthanc(tmp_path_factory.mktemp("orthanc"))
 
 
 @pytest.fixture(scope="module")

@@ -121,8 +121,10 @@ def _prepare(src_dir: str | Path, out_dir: str | Path) -> tuple[Path, Path]:
     return src, out
 
 
-def _place_training_pairs(images: dict, labels: dict, name: Callable[[Any], str], out: Path, link: bool) -> list[dict]:
-    """Place each case's image and label as ``imagesTr/<name>`` / ``labelsTr/<name>``; the datalist entries."""
+def _place_training_pairs(
+    images: dict, labels: dict, name: Callable[[Any], str], out: Path, link: bool
+) -> list[dict]:
+    """Place each case's image and label as ``imagesTr/<name>`` / ``labelsTr/<name>``; return the entries."""
     training = []
     for case_id in sorted(images):
         ext = _nifti_split(images[case_id].name)[1].lower()  # type: ignore[index]
