@@ -335,6 +335,9 @@ def test_shared_key_slices_prompt_all_objects_on_the_same_slices():
     keys = {o.object_id: o.key_slices for o in out}
     # slices 2 and 3 hold two objects (the most); "largest" takes the first of them
     assert keys == {1: [2], 2: [2]}, keys
+    label[0, 8:10, 8:12, 2] = 0  # object 2 now only half there on slice 2: slice 3 shows both fully
+    keys = {o.object_id: o.key_slices for o in t({"label": label})["prompts"]}
+    assert keys == {1: [3], 2: [3]}, keys
     t = RandPromptFromLabeld(key_slices="random", num_key_slices=2, mode_probs={"box": 1}, shared_key_slices=True)
     t.set_random_state(3)
     for _ in range(5):
@@ -343,3 +346,25 @@ def test_shared_key_slices_prompt_all_objects_on_the_same_slices():
         assert len(slices) <= 2
         for o in out:
             assert all(label[0, :, :, k][label[0, :, :, k] == o.object_id].size for k in o.key_slices)
+
+
+def test_label_ids_and_max_objects_choose_which_objects_are_prompted():
+    """Training prompts a random few of the wanted organs in view, never an unwanted label."""
+    from monai_sam.transforms import RandPromptFromLabeld
+
+    label = np.zeros((1, 16, 16, 4), np.int64)
+    for i in range(1, 6):
+        label[0, 3 * i - 2 : 3 * i, 2:6, :] = i
+    t = RandPromptFromLabeld(label_ids=[1, 2, 3, 4], max_objects=2, mode_probs={"box": 1})
+    t.set_random_state(0)
+    seen = set()
+    for _ in range(30):
+        ids = [o.object_id for o in t({"label": label})["prompts"]]
+        assert len(ids) == 2 and len(set(ids)) == 2 and set(ids) <= {1, 2, 3, 4}, ids
+        seen |= set(ids)
+    assert seen == {1, 2, 3, 4}
+    assert len(RandPromptFromLabeld(mode_probs={"box": 1})({"label": label})["prompts"]) == 5
+    with pytest.raises(ValueError, match=r"no label of \[7\]"):
+        RandPromptFromLabeld(label_ids=[7])({"label": label})
+    with pytest.raises(ValueError, match="max_objects"):
+        RandPromptFromLabeld(max_objects=0)

@@ -199,6 +199,11 @@ class RandPromptFromLabeld(Randomizable, MapTransform):
             them it appears on; objects on none of them get no prompt. All objects then share
             their conditioning slices, so the memory network tracks them as one batch (training
             is several times faster than with a separate key slice per object).
+        label_ids: when neither ``object_ids`` nor ``data[object_key]`` names the objects, the
+            ids to prompt among those present (None: every non-zero label present).
+        max_objects: prompt at most this many of the objects, drawn at random: a training
+            sequence then costs the memory network a few objects, not every organ in view.
+            None: all.
         allow_missing_keys: do nothing when ``label_key`` is absent.
 
     Raises:
@@ -223,10 +228,18 @@ class RandPromptFromLabeld(Randomizable, MapTransform):
         label_names: Mapping[int, str] | None = None,
         deterministic: bool = False,
         shared_key_slices: bool = False,
+        label_ids: Sequence[int] | None = None,
+        max_objects: int | None = None,
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(label_key, allow_missing_keys)
         self.shared_key_slices = bool(shared_key_slices)
+        if max_objects is not None and int(max_objects) < 1:
+            raise ValueError(f"max_objects must be at least 1 or None, got {max_objects}")
+        if max_objects is not None and deterministic:
+            raise ValueError("deterministic prompts cover every object: max_objects must be None")
+        self.max_objects = None if max_objects is None else int(max_objects)
+        self.label_ids = None if label_ids is None else as_int_list(label_ids)
         mode_probs = {"box": 0.5, "clicks": 0.25, "mask": 0.25} if mode_probs is None else dict(mode_probs)
         unknown = sorted(set(mode_probs) - set(PROMPT_MODES))
         if unknown:
@@ -281,16 +294,23 @@ class RandPromptFromLabeld(Randomizable, MapTransform):
         elif self.object_key in d:
             ids = as_int_list(d[self.object_key])
         else:
-            if not present:
-                raise ValueError(f"{where}: empty label where one is required: no non-zero label to prompt")
-            return present
+            ids = present if self.label_ids is None else [i for i in present if i in self.label_ids]
+            if not ids:
+                wanted = "non-zero label" if self.label_ids is None else f"label of {self.label_ids}"
+                raise ValueError(f"{where}: empty label where one is required: no {wanted} to prompt")
+            return self._at_most(ids)
         for i in ids:
             if i not in present:
                 raise ValueError(
                     f"{where}: empty label where one is required: object {i} is absent "
                     f"(labels present: {present})"
                 )
-        return ids
+        return self._at_most(ids)
+
+    def _at_most(self, ids: list[int]) -> list[int]:
+        if self.max_objects is None or len(ids) <= self.max_objects:
+            return list(ids)
+        return sorted(int(i) for i in self.R.choice(ids, size=self.max_objects, replace=False))
 
     def _key_slices(self, areas: np.ndarray, object_id: int, where: str) -> list[int]:
         on = np.flatnonzero(areas)
@@ -341,9 +361,13 @@ class RandPromptFromLabeld(Randomizable, MapTransform):
         ids = self._objects(d, present_labels(label), where)
         shared = None
         if self.shared_key_slices:
-            # slices ranked by how many of the objects they hold: one cohort for the memory network
-            counts = sum((label == i).any(axis=(0, 1)).astype(np.int64) for i in ids)
-            shared = self._key_slices(counts, -1, where)
+            # slices ranked by how many of the objects they hold, then by how large the objects
+            # are there relative to their largest section (so no object is boxed at its tip):
+            # one cohort for the memory network
+            areas = np.stack([(label == i).sum(axis=(0, 1)) for i in ids]).astype(np.float64)
+            relative = (areas / np.maximum(areas.max(axis=1, keepdims=True), 1)).mean(axis=0)
+            score = (areas > 0).sum(axis=0) + 0.999 * relative
+            shared = self._key_slices(score, -1, where)
         for object_id in ids:
             obj = label == object_id
             areas = obj.sum(axis=(0, 1))

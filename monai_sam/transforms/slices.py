@@ -46,8 +46,15 @@ def label_volume(label: NdarrayOrTensor, where: str) -> np.ndarray:
 
 
 def present_labels(label: np.ndarray) -> list[int]:
-    """Non-zero label values present in ``label``, sorted."""
-    return [int(v) for v in np.unique(label) if v != 0]
+    """Non-zero label values present in ``label``, sorted.
+
+    Counts with ``bincount`` for non-negative labels: linear time, where ``np.unique``'s sort of a
+    whole CT volume took most of a training step's data time.
+    """
+    flat = np.asarray(label).ravel()
+    if flat.size and np.issubdtype(flat.dtype, np.integer) and flat.min() >= 0:
+        return [int(v) for v in np.flatnonzero(np.bincount(flat)) if v != 0]
+    return [int(v) for v in np.unique(flat) if v != 0]
 
 
 class SampleSliceSequenced(Randomizable, InvertibleTransform, MapTransform):
