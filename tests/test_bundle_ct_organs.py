@@ -29,7 +29,7 @@ def tiny(root: Path, data: Path, **extra) -> dict:
     return {
         "bundle_root": str(root), "dataset_dir": str(data), "num_phantoms": 3,
         "phantom_shape": [48, 48, 20], "phantom_spacing": [4.3, 4.3, 8.0], "image_size": 128,
-        "num_slices": 4, "epochs": 1, "batch_size": 2, **extra,
+        "num_slices": 4, "epochs": 1, "batch_size": 2, "sequences_per_volume": 1, **extra,
     }
 
 
@@ -82,6 +82,29 @@ def test_training_writes_checkpoints_logs_metrics_and_cache(trained):
     assert wf.train_handlers is not None and wf.trainer.state.epoch == 1
 
 
+def test_training_draws_several_few_organ_sequences_per_volume(trained):
+    """Each epoch visits every volume sequences_per_volume times, each time a few organs in view."""
+    from monai.bundle import ConfigParser
+
+    base, _ = trained
+    parser = ConfigParser()
+    parser.read_config(TRAIN)
+    for k, v in tiny(base / "bundle", base / "data", sequences_per_volume=3, objects_per_sequence=2).items():
+        parser[k] = v
+    volumes = parser.get_parsed_content("split")[0]
+    dataset = parser.get_parsed_content("train#dataset")
+    assert len(dataset) == 3 * len(volumes)
+    organs = set(parser.get_parsed_content("organ_ids"))
+    for i in range(len(dataset)):
+        ids = [o.object_id for o in dataset[i]["prompts"]]
+        assert 1 <= len(ids) <= 2 and set(ids) <= organs, ids
+    # SAM2's focal weight (20) only with a checkpoint: from random weights it collapses the decoder
+    assert parser.get_parsed_content("loss").mask_loss.lambda_focal == 1.0
+    parser["checkpoint"] = "sam2.1_hiera_tiny.pt"
+    parser.parse()
+    assert parser.get_parsed_content("loss").mask_loss.lambda_focal == 20.0
+
+
 def test_resume_after_interruption_continues_from_the_saved_epoch(trained, tmp_path):
     base, _ = trained
     root = tmp_path / "bundle"
@@ -119,7 +142,14 @@ def test_evaluate_writes_per_organ_table_and_overlays(trained):
     assert rows[0].startswith("case,label,name,dice,hd95_mm,surface_dice")
     assert len(rows) - 1 == 5  # one validation case x five organs
     assert all(r.endswith(",oracle") for r in rows[1:]), "oracle prompts are marked as such"
-    assert list((out / "overlays").glob("*.png"))
+    overlays = list((out / "overlays").glob("*.png"))
+    assert overlays
+    # the slices are shown with contrast: air around the body is black, not an even grey
+    from PIL import Image
+
+    rgb = np.asarray(Image.open(overlays[0]).convert("RGB")).astype(int)
+    black = (rgb.max(axis=-1) < 30).mean()
+    assert black > 0.05, f"overlay background has no contrast (black fraction {black:.3f})"
 
 
 def test_inference_from_labels_and_from_prompt_files(trained, tmp_path):
@@ -197,7 +227,8 @@ def test_two_process_ddp_training_on_cpu(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
            "-m", "monai.bundle", "run", "training", "--config_file", configs,
            "--bundle_root", str(tmp_path / "b"), "--dataset_dir", str(tmp_path / "data"), "--image_size", "128",
-           "--num_slices", "4", "--epochs", "1", "--batch_size", "1", "--val_fraction", "0.5"]
+           "--num_slices", "4", "--epochs", "1", "--batch_size", "1", "--val_fraction", "0.5",
+           "--sequences_per_volume", "1"]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]

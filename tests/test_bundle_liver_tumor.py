@@ -192,7 +192,13 @@ def test_evaluate_writes_class_and_lesion_tables_apart(trained):
     summary = _rows(out / "lesion_summary.csv")
     assert [r["size_bin"] for r in summary] == ["all", "<10 mm", "10-20 mm", ">20 mm"]
     assert sum(int(r["lesions"]) for r in summary[1:]) == int(summary[0]["lesions"]) == len(truth)
-    assert list((out / "overlays").glob("*.png"))
+    overlays = list((out / "overlays").glob("*.png"))
+    assert overlays
+    # the slices are shown with contrast (air black), not as an even grey
+    from PIL import Image
+
+    rgb = np.asarray(Image.open(overlays[0]).convert("RGB")).astype(int)
+    assert (rgb.max(axis=-1) < 30).mean() > 0.05
 
 
 @pytest.mark.slow
