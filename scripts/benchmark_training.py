@@ -6,6 +6,9 @@ later cached epoch against an uncached one:
 
     python scripts/benchmark_training.py                       # hiera-t at 512 px (CPU or GPU)
     python scripts/benchmark_training.py --settings sam2.1_hiera_t:512 sam2.1_hiera_s:1024
+    python scripts/benchmark_training.py --num-slices 1 --volumes 16   # single slices: decoder only
+
+Settings measured earlier stay in the JSON and the table unless measured again.
 
 Writes docs/results_training.json (``cache_speedup`` = uncached / cached seconds per epoch,
 one entry per setting) and the "Training (feature cache)" section of docs/results.md.
@@ -128,6 +131,13 @@ def main() -> int:
         row["cache_speedup"] = row["uncached_s_per_epoch"] / row["cached_s_per_epoch"]
         print(json.dumps(row))
         rows.append(row)
+    # keep earlier settings (other sizes, sequence shapes) unless this run measured them again
+    def key(r: dict) -> tuple:
+        return r["model_size"], r["image_size"], r["device"], r["volumes"], r["num_slices"], r.get("objects", 5)
+
+    earlier = json.loads(args.out.read_text())["settings"] if args.out.exists() else []
+    measured = {key(r) for r in rows}
+    rows = [r for r in earlier if key(r) not in measured] + rows
     args.out.write_text(json.dumps({"benchmark": "training", "settings": rows}, indent=2))
     write_section(rows, ROOT / "docs" / "results.md")
     return 0

@@ -225,3 +225,27 @@ def test_inferer_both_input_modes(model, volume, frames, reference):
         MemoryPropagationInferer()(batched, seg)
     with pytest.raises(ValueError, match="one volume at a time"):
         MemoryPropagationInferer()(torch.cat([batched, batched]), seg, prompts)
+
+
+def test_a_single_frame_encodes_no_memory_that_nothing_reads(model, frames):
+    """Image mode (T = 1) trains the decoder only: SAM2's memory encoder is not run for it."""
+    trainee = build_sam2_model("sam2.1_hiera_t", image_size=S, mode="train")
+    trainee.load_state_dict(model.state_dict())
+    freeze_image_encoder(trainee).train()
+    calls = []
+    hook = trainee.memory_encoder.register_forward_hook(lambda *_: calls.append(1))
+    seg = Sam2VolumeSegmenter(trainee)
+    prompts = [ObjectPrompts(1, "box", [SlicePrompt(0, box=[10, 15, 40, 45])])]
+    try:
+        out = seg(frames[2:3], prompts, (H, W))
+        assert out["logits"].shape == (1, 1, H, W) and not calls
+        out["logits"].clamp(-20, 20).mean().backward()
+        assert trainee.sam_mask_decoder.conv_s0.weight.grad is not None
+        seg(frames[2:4], prompts, (H, W))  # two frames: the second reads the first's memory
+        assert calls
+        trainee.eval()
+        with torch.no_grad():
+            single = seg.propagate(frames[2:3], prompts, (H, W))
+        assert single.shape == (1, 1, H, W) and len(calls) == 2  # inference: only the 2-frame call's
+    finally:
+        hook.remove()
