@@ -92,8 +92,9 @@ def test_training_draws_several_few_organ_sequences_per_volume(trained):
     for k, v in tiny(base / "bundle", base / "data", sequences_per_volume=3, objects_per_sequence=2).items():
         parser[k] = v
     volumes = parser.get_parsed_content("split")[0]
-    dataset = parser.get_parsed_content("train#dataset")
+    dataset = parser.get_parsed_content("train#sequences")
     assert len(dataset) == 3 * len(volumes)
+    assert parser.get_parsed_content("train#dataloader").dataset is dataset
     organs = set(parser.get_parsed_content("organ_ids"))
     for i in range(len(dataset)):
         ids = [o.object_id for o in dataset[i]["prompts"]]
