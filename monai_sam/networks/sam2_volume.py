@@ -553,13 +553,7 @@ class Sam2VolumeSegmenter(nn.Module):
                             )
                     per_obj.append(out)
                 merged = {
-                    key: (
-                        None
-                        if per_obj[0][key] is None
-                        else torch.cat([o[key] for o in per_obj])
-                        if key != "maskmem_pos_enc"
-                        else [torch.cat(t) for t in zip(*(o[key] for o in per_obj), strict=True)]
-                    )
+                    key: _stack_objects([o[key] for o in per_obj])
                     for key in (
                         "maskmem_features",
                         "maskmem_pos_enc",
@@ -774,6 +768,16 @@ class Sam2VolumeSegmenter(nn.Module):
         prompts = list(item["prompts"])
         target = torch.stack([(label == o.object_id).permute(2, 0, 1) for o in prompts]).float()
         return {"prompts": prompts, "original_size": tuple(int(v) for v in label.shape[:2])}, target
+
+
+def _stack_objects(values: list[Any]) -> Any:
+    """One object's outputs per list item -> the batch: tensors (or lists of tensors, as
+    ``maskmem_pos_enc``) concatenated on the object axis; None stays None (no memory encoded)."""
+    if values[0] is None:
+        return None
+    if isinstance(values[0], list):
+        return [torch.cat(level) for level in zip(*values, strict=True)]
+    return torch.cat(values)
 
 
 def _progress(order: range, enabled: bool, desc: str) -> Iterator[int]:

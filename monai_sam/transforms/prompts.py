@@ -359,19 +359,19 @@ class RandPromptFromLabeld(Randomizable, MapTransform):
         label = label_volume(d[self.label_key], where)
         objects = []
         ids = self._objects(d, present_labels(label), where)
+        masks = {i: label == i for i in ids}
+        areas = {i: m.sum(axis=(0, 1)) for i, m in masks.items()}  # per slice
         shared = None
         if self.shared_key_slices:
             # slices ranked by how many of the objects they hold, then by how large the objects
             # are there relative to their largest section (so no object is boxed at its tip):
             # one cohort for the memory network
-            areas = np.stack([(label == i).sum(axis=(0, 1)) for i in ids]).astype(np.float64)
-            relative = (areas / np.maximum(areas.max(axis=1, keepdims=True), 1)).mean(axis=0)
-            score = (areas > 0).sum(axis=0) + 0.999 * relative
-            shared = self._key_slices(score, -1, where)
+            table = np.stack([areas[i] for i in ids]).astype(np.float64)
+            relative = (table / np.maximum(table.max(axis=1, keepdims=True), 1)).mean(axis=0)
+            shared = self._key_slices((table > 0).sum(axis=0) + 0.999 * relative, -1, where)
         for object_id in ids:
-            obj = label == object_id
-            areas = obj.sum(axis=(0, 1))
-            keys = self._key_slices(areas, object_id, where) if shared is None else [k for k in shared if areas[k]]
+            obj, area = masks[object_id], areas[object_id]
+            keys = self._key_slices(area, object_id, where) if shared is None else [k for k in shared if area[k]]
             if keys:
                 prompts = [self._slice_prompt(obj[..., k], k) for k in keys]
                 objects.append(ObjectPrompts(object_id, self.label_names.get(object_id, ""), prompts))
