@@ -162,17 +162,24 @@ def worker(args: argparse.Namespace) -> None:
     masks = np.zeros((len(prompts), h, w, t), bool)
     logits = None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+    def segmenter(sam2_model) -> Sam2VolumeSegmenter:
+        autocast_dtype = torch.bfloat16 if cuda else None
+        return Sam2VolumeSegmenter(
+            sam2_model, encoder_batch_size=args.encoder_batch_size, autocast_dtype=autocast_dtype
+        )
+
+    source = VolumeFrames(torch.from_numpy(volume)[None], SamInput(args.size))
+
     load_before = os.getloadavg()[0]
     cpu0, start = _cpu_seconds(), time.perf_counter()
     if args.worker == "ours":
-        # what MemoryPropagationInferer(preprocess=SamInput(S)) runs, minus its final argmax over
-        # objects, so that each object's own mask (logit > 0) can be compared with the others'
-        seg = Sam2VolumeSegmenter(
-            model, encoder_batch_size=args.encoder_batch_size, autocast_dtype=torch.bfloat16 if cuda else None
-        )
-        source = VolumeFrames(torch.from_numpy(volume)[None], SamInput(args.size))
-        logits = seg.propagate(source, prompts, output_dtype=torch.float16)  # (N, T, H, W)
-        masks = (logits > 0).permute(0, 2, 3, 1).numpy()
+        # what MemoryPropagationInferer(preprocess=SamInput(S)) runs, with each object's own mask
+        # (logit > 0) kept instead of the running argmax over objects, so that the masks can be
+        # compared object by object; the logits stream slice by slice, as in the inferer
+        def keep_masks(rows: list[int], f: int, slice_logits: torch.Tensor) -> None:
+            masks[rows, :, :, f] = (slice_logits > 0).numpy()
+
+        segmenter(model).propagate(source, prompts, sink=keep_masks)
     elif args.worker == "baseline":
         video_dir = Path(tempfile.mkdtemp(prefix="sam2_jpeg_", dir=args.tmp))
         for k in range(t):  # MONAI Label: Image.fromarray(slice).convert("RGB").save(<k:05d>.jpg)
@@ -196,6 +203,11 @@ def worker(args: argparse.Namespace) -> None:
         with autocast:
             logits = video_predictor_logits(model, prompts, (h, w), frames=frames, start="object")
         masks = (logits > 0).permute(0, 2, 3, 1).numpy()
+        # ours' logits on the same weights, for the logit-level comparison (not measured)
+        twin = build_sam2_model("sam2.1_hiera_t", args.checkpoint, image_size=args.size, device=device)
+        twin.load_state_dict(model.state_dict())
+        ours_logits = segmenter(twin).propagate(source, prompts, output_dtype=torch.float16)
+        np.save(Path(args.result).with_suffix(".ours_logits.npy"), ours_logits.numpy())
     if cuda:
         torch.cuda.synchronize()
     seconds, cpu_seconds = time.perf_counter() - start, _cpu_seconds() - cpu0
@@ -243,6 +255,8 @@ def run_worker(kind: str, size: int, folder: Path, opts: argparse.Namespace, rep
     out["masks"] = _load_masks(result.with_suffix(".npz"))
     logits_path = result.with_suffix(".logits.npy")
     out["logits"] = np.load(logits_path) if logits_path.exists() else None
+    ours_logits_path = result.with_suffix(".ours_logits.npy")
+    out["ours_logits"] = np.load(ours_logits_path) if ours_logits_path.exists() else None
     logger.info(
         "%s at %d px: %.1f s (%.0f CPU s, load %s), peak RSS %.0f MB%s",
         kind,
@@ -413,10 +427,15 @@ def main() -> None:
                 "memory_ratio_cuda": (ours["cuda_peak_mb"] / base["cuda_peak_mb"])
                 if ours["cuda_peak_mb"]
                 else None,
-                **{k: {m: v for m, v in r.items() if m not in ("masks", "logits")} for k, r in runs.items()},
+                **{
+                    k: {m: v for m, v in r.items() if m not in ("masks", "logits", "ours_logits")}
+                    for k, r in runs.items()
+                },
                 "seconds_of_every_repeat": all_seconds,
                 "masks_vs_jpeg_baseline": compare(ours, base),
-                "oracle": compare(ours, runs["oracle"]) if "oracle" in runs else None,
+                "oracle": compare({**ours, "logits": runs["oracle"]["ours_logits"]}, runs["oracle"])
+                if "oracle" in runs
+                else None,
                 "command": command,
                 "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
                 "torch": torch.__version__,

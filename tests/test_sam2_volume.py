@@ -7,7 +7,7 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
-from monai_sam.inferers import MemoryPropagationInferer, logits_to_label
+from monai_sam.inferers import LabelAccumulator, MemoryPropagationInferer, logits_to_label
 from monai_sam.networks import (
     NO_OBJ_SCORE,
     Sam2VolumeSegmenter,
@@ -225,6 +225,61 @@ def test_inferer_both_input_modes(model, volume, frames, reference):
         MemoryPropagationInferer()(batched, seg)
     with pytest.raises(ValueError, match="one volume at a time"):
         MemoryPropagationInferer()(torch.cat([batched, batched]), seg, prompts)
+
+
+def test_a_sink_gets_every_slice_once_and_the_running_argmax_is_the_label(model, volume, frames, reference):
+    """Streaming slices to a sink gives the collected logits; LabelAccumulator their argmax."""
+    prompts = _prompts(volume)  # two objects with different key slices: two cohorts, two starts
+    seg = Sam2VolumeSegmenter(model, encoder_batch_size=1)
+    got = torch.full_like(reference, float("nan"))
+    calls: list[tuple[int, int]] = []
+
+    def sink(rows: list[int], f: int, logits: torch.Tensor) -> None:
+        assert logits.shape == (len(rows), H, W)
+        calls.extend((r, f) for r in rows)
+        got[rows, f] = logits
+
+    assert seg.propagate(frames, prompts, (H, W), sink=sink) is None
+    assert sorted(calls) == [(r, f) for r in range(2) for f in range(T)]  # each once, key slices too
+    assert torch.equal(got, reference)
+
+    # one direction: the slices the pass does not reach are not delivered
+    calls.clear()
+    seg.propagate(frames, prompts, (H, W), direction="forward", sink=sink)
+    assert sorted(calls) == [(0, f) for f in range(2, T)] + [(1, f) for f in range(3, T)]
+
+    acc = LabelAccumulator([4, 9], (H, W, T), dtype=torch.float32)
+    seg.propagate(frames, prompts, (H, W), sink=acc)
+    expected = logits_to_label(reference.permute(0, 2, 3, 1), [4, 9])
+    assert torch.equal(acc.label(), expected) and {4.0, 9.0} <= set(expected.unique().tolist())
+    cut = float(reference.median())
+    high = LabelAccumulator([4, 9], (H, W, T), threshold=cut, dtype=torch.float32)
+    seg.propagate(frames, prompts, (H, W), sink=high)
+    assert torch.equal(high.label(), logits_to_label(reference.permute(0, 2, 3, 1), [4, 9], cut))
+
+    # the inferer's label (running argmax) is the argmax of the logits it would otherwise collect
+    inferer = MemoryPropagationInferer(logits_dtype=torch.float32)
+    label = inferer(SamInput(S)(MetaTensor(volume.clone())), seg, prompts)
+    at_s = seg.propagate(frames, prompts, (H, W), output_size=(S, S)).permute(0, 2, 3, 1)
+    assert torch.equal(label.as_tensor()[0], logits_to_label(at_s, [1, 2]))
+
+
+def test_freed_host_memory_is_handed_back_once_per_encoder_chunk(model, volume, frames, monkeypatch):
+    import platform
+
+    import monai_sam.networks.sam2_volume as sam2_volume
+    from monai_sam.networks.host_memory import trim_host_memory
+
+    assert trim_host_memory() is (platform.libc_ver()[0] == "glibc")  # nothing to do elsewhere
+    calls = []
+    monkeypatch.setattr(sam2_volume, "trim_host_memory", lambda: calls.append(1) or True)
+    prompts = _prompts(volume)[:1]
+    Sam2VolumeSegmenter(model, encoder_batch_size=2).propagate(frames, prompts, (H, W))
+    chunks = len(calls)
+    assert chunks >= 3  # 5 slices, 2 per chunk, forward and backward from slice 2
+    calls.clear()
+    Sam2VolumeSegmenter(model, encoder_batch_size=2, release_host_memory=False).propagate(frames, prompts, (H, W))
+    assert calls == []
 
 
 def test_a_single_frame_encodes_no_memory_that_nothing_reads(model, frames):

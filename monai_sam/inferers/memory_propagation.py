@@ -34,7 +34,7 @@ from monai_sam.networks.sam2_volume import (
 )
 from monai_sam.prompts import ObjectPrompts
 
-__all__ = ["MemoryPropagationInferer", "logits_to_label"]
+__all__ = ["LabelAccumulator", "MemoryPropagationInferer", "logits_to_label"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +54,49 @@ def logits_to_label(logits: Tensor, object_ids: Sequence[int], threshold: float 
     return torch.where(best > threshold, ids[idx], torch.zeros((), device=logits.device))
 
 
+class LabelAccumulator:
+    """`logits_to_label` computed slice by slice, as `Sam2VolumeSegmenter.propagate` delivers them.
+
+    Pass it as ``propagate(..., sink=acc)``: it keeps only the best logit so far (in ``dtype``)
+    and the winning object's id per voxel, so a 10-organ 512 x 512 x 600 CT needs 6 bytes per
+    voxel instead of the 20 of its float16 per-object logits (and the temporaries of an argmax
+    over them). The label is the same as `logits_to_label` of the collected logits, except that
+    two objects with exactly equal logits are decided by arrival order instead of list order.
+
+    Args:
+        object_ids: the id of each prompt row (``[p.object_id for p in prompts]``).
+        shape: ``(H, W, T)`` of the label, channel-last like the image.
+        threshold: logit a voxel must exceed to belong to an object.
+        dtype: dtype the running best logit is kept in (that of the delivered logits).
+    """
+
+    def __init__(
+        self,
+        object_ids: Sequence[int],
+        shape: Sequence[int],
+        threshold: float = 0.0,
+        dtype: torch.dtype = torch.float16,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        if len(shape) != 3:
+            raise ValueError(f"shape must be (H, W, T), got {tuple(shape)}")
+        self.ids = torch.as_tensor(list(object_ids), dtype=torch.int32, device=device)
+        self.best = torch.full(tuple(shape), threshold, dtype=dtype, device=device)
+        self.winner = torch.zeros(tuple(shape), dtype=torch.int32, device=device)
+
+    def __call__(self, rows: list[int], slice_index: int, logits: Tensor) -> None:
+        """Merge one slice's logits ``(len(rows), H, W)`` for the objects at ``rows``."""
+        top, idx = logits.to(self.best.dtype).max(dim=0)
+        best = self.best[..., slice_index]
+        wins = top > best
+        self.best[..., slice_index] = torch.where(wins, top, best)
+        self.winner[..., slice_index] = torch.where(wins, self.ids[rows][idx], self.winner[..., slice_index])
+
+    def label(self) -> Tensor:
+        """Object ids ``(H, W, T)`` as float32 (0 = background), as `logits_to_label` gives them."""
+        return self.winner.float()
+
+
 class MemoryPropagationInferer(Inferer):
     """Image volume + prompts -> label volume, through `Sam2VolumeSegmenter.propagate`.
 
@@ -65,9 +108,10 @@ class MemoryPropagationInferer(Inferer):
         return_probabilities: also return per-object probabilities ``(N, H, W, T)``.
         direction: ``"both"`` (default), ``"forward"`` or ``"backward"`` from the key slices.
         progress: tqdm bars over slices.
-        logits_dtype: dtype of the per-object logits kept for the whole volume (``float16``
-            by default: half the memory of the largest buffer; a logit's sign never changes in
-            that rounding, and ties between objects closer than ~0.1% are decided either way).
+        logits_dtype: dtype the logits are compared in (``float16`` by default: a logit's sign
+            never changes in that rounding, and ties between objects closer than ~0.1% are
+            decided either way). Without ``return_probabilities`` only the best logit per voxel
+            is kept (`LabelAccumulator`); with it, every object's logits in this dtype.
 
     Call: ``inferer(inputs, network, prompts)`` with ``inputs`` ``(C, H, W, T)`` or
     ``(1, C, H, W, T)``, ``network`` a `Sam2VolumeSegmenter` (a bare ``SAM2Base`` is wrapped with
@@ -144,17 +188,21 @@ class MemoryPropagationInferer(Inferer):
             original = tuple(int(v) for v in (original_size or meta_size or plain.shape[1:3]))
             out_size = tuple(int(v) for v in plain.shape[1:3])
 
-        logits = seg.propagate(
-            source,
-            list(prompts),
+        run = dict(
             original_size=original,
             output_size=out_size,
             direction=self.direction,
             progress=self.progress,
             output_dtype=self.logits_dtype,
         )
-        logits = logits.permute(0, 2, 3, 1)  # (N, H, W, T): channel-first like the image
-        label = logits_to_label(logits, [p.object_id for p in prompts], self.threshold)[None]
+        ids = [p.object_id for p in prompts]
+        if self.return_probabilities:  # every object's logits are needed: collect them all
+            logits = seg.propagate(source, list(prompts), **run).permute(0, 2, 3, 1)  # (N, H, W, T)
+            label = logits_to_label(logits, ids, self.threshold)[None]
+        else:  # only the label: a running argmax, no (N, T, H, W) buffer
+            acc = LabelAccumulator(ids, (*out_size, len(source)), self.threshold, self.logits_dtype)
+            seg.propagate(source, list(prompts), sink=acc, **run)
+            label = acc.label()[None]
         if batched:
             label = label[None]
         if isinstance(inputs, MetaTensor):

@@ -36,9 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from monai_sam.networks.host_memory import trim_host_memory
 from monai_sam.prompts import ObjectPrompts, PromptError, SlicePrompt, validate_prompts
 
-__all__ = ["NO_OBJ_SCORE", "FrameSource", "TensorFrames", "VolumeFrames", "Sam2VolumeSegmenter"]
+__all__ = ["NO_OBJ_SCORE", "SliceSink", "FrameSource", "TensorFrames", "VolumeFrames", "Sam2VolumeSegmenter"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,9 @@ logger = logging.getLogger(__name__)
 NO_OBJ_SCORE = -1024.0
 
 Direction = Literal["both", "forward", "backward"]
+
+#: ``sink(rows, slice_index, logits)``: one slice's logits ``(len(rows), H, W)`` for the objects at ``rows``
+SliceSink = Callable[[list[int], int, Tensor], None]
 
 
 @runtime_checkable
@@ -155,6 +159,8 @@ class _FeatureStream:
                 if k in ("backbone_fpn", "vision_pos_enc")
             }
         else:
+            if self.seg.release_host_memory and self.seg.device.type == "cpu":
+                trim_host_memory()  # the last chunk's freed activations (see host_memory)
             images = self.frames(indices).to(self.seg.device, non_blocking=True).float()
             with self.seg._autocast():
                 raw = self.seg.encode(images)
@@ -218,6 +224,9 @@ class Sam2VolumeSegmenter(nn.Module):
             at 256 px, 9% slower at 512 px, where the work is compute-bound and the batch's
             activations are larger). Slices are encoded once whatever the value. None: always
             all.
+        release_host_memory: on a CPU, hand the heap memory freed by the last chunk back to
+            the OS before encoding the next (`monai_sam.networks.host_memory`): without it the
+            resident memory of a long volume creeps up by a few MB per slice.
     """
 
     def __init__(
@@ -229,6 +238,7 @@ class Sam2VolumeSegmenter(nn.Module):
         fill_hole_area: int = 8,
         start: Literal["object", "earliest"] = "object",
         object_batch_size: int | Literal["auto"] | None = "auto",
+        release_host_memory: bool = True,
     ) -> None:
         super().__init__()
         for attr in (
@@ -254,6 +264,7 @@ class Sam2VolumeSegmenter(nn.Module):
         self.autocast_dtype = autocast_dtype
         self.fill_hole_area = int(fill_hole_area)
         self.start = start
+        self.release_host_memory = bool(release_host_memory)
         self._has_ext = _sam2_ext_available()
         self.last_encoded_slices = 0
 
@@ -470,6 +481,7 @@ class Sam2VolumeSegmenter(nn.Module):
         output_device,
         progress,
         output_dtype=torch.float32,
+        sink: SliceSink | None = None,
     ) -> tuple[Any, Any]:
         if direction not in ("both", "forward", "backward"):
             raise ValueError(f"direction must be 'both', 'forward' or 'backward', got {direction!r}")
@@ -492,6 +504,9 @@ class Sam2VolumeSegmenter(nn.Module):
             scores: dict[tuple[int, int], Tensor] = {}
             ious: dict[tuple[int, int], Tensor] = {}
             logits = None
+        elif sink is not None:
+            logits = None
+            delivered: set[tuple[int, int]] = set()  # key slices come up once per pass
         else:
             logits = torch.full(
                 (n_obj, num_frames, *out_hw), NO_OBJ_SCORE, dtype=output_dtype, device=output_device
@@ -504,10 +519,17 @@ class Sam2VolumeSegmenter(nn.Module):
                 scores[(id(cohort), f)] = out["object_score_logits"]
                 ious[(id(cohort), f)] = out["iou_pred"]
                 return
+            if sink is not None:
+                if (id(cohort), f) in delivered:
+                    return
+                delivered.add((id(cohort), f))
             up = low.float()
             if tuple(up.shape[-2:]) != out_hw:
                 up = F.interpolate(up, size=out_hw, mode="bilinear", align_corners=False)
-            logits[cohort.rows, f] = up[:, 0].to(output_device, output_dtype)
+            if sink is not None:
+                sink(cohort.rows, f, up[:, 0].to(output_device, output_dtype))
+            else:
+                logits[cohort.rows, f] = up[:, 0].to(output_device, output_dtype)
 
         # 1) conditioning slices: each object alone (prompts differ in kind and click count),
         #    then its memory, then the objects of a cohort stacked into one batch
@@ -666,7 +688,8 @@ class Sam2VolumeSegmenter(nn.Module):
         output_device: str | torch.device = "cpu",
         progress: bool = False,
         output_dtype: torch.dtype = torch.float32,
-    ) -> Tensor:
+        sink: SliceSink | None = None,
+    ) -> Tensor | None:
         """Inference: logits ``(N_objects, T, H, W)`` for every object on every slice.
 
         Args:
@@ -685,6 +708,13 @@ class Sam2VolumeSegmenter(nn.Module):
             output_dtype: dtype of the collected logits; ``torch.float16`` halves the largest
                 buffer of a long volume and keeps every logit's sign.
             progress: show tqdm bars.
+            sink: instead of collecting ``(N, T, H, W)`` logits, hand each slice's logits to
+                ``sink(rows, slice_index, logits)`` as soon as they are computed (``rows``: the
+                objects' positions in ``prompts``, ``logits``: ``(len(rows), H, W)`` in
+                ``output_dtype`` on ``output_device``) and return None. Each object's slice is
+                delivered once; slices a pass does not reach are not delivered. A consumer that
+                keeps only what it needs (e.g. `monai_sam.inferers.LabelAccumulator`'s running
+                argmax) never holds the per-object logits of the whole volume.
         Raises:
             PromptError: a prompt that does not fit the volume (outside, out of range, empty...).
         """
@@ -704,6 +734,7 @@ class Sam2VolumeSegmenter(nn.Module):
                 output_device=output_device,
                 progress=progress,
                 output_dtype=output_dtype,
+                sink=sink,
             )
         finally:
             self.model.train(was_training)
