@@ -7,7 +7,7 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
-from monai_sam.inferers import LabelAccumulator, MemoryPropagationInferer, logits_to_label
+from monai_sam.inferers import LabelAccumulator, MemoryPropagationInferer, logits_to_label, propagate_to_label
 from monai_sam.networks import (
     NO_OBJ_SCORE,
     Sam2VolumeSegmenter,
@@ -248,14 +248,21 @@ def test_a_sink_gets_every_slice_once_and_the_running_argmax_is_the_label(model,
     seg.propagate(frames, prompts, (H, W), direction="forward", sink=sink)
     assert sorted(calls) == [(0, f) for f in range(2, T)] + [(1, f) for f in range(3, T)]
 
-    acc = LabelAccumulator([4, 9], (H, W, T), dtype=torch.float32)
+    acc = LabelAccumulator([4, 9], T, dtype=torch.float32)
+    with pytest.raises(RuntimeError, match="no slice"):
+        acc.label()
     seg.propagate(frames, prompts, (H, W), sink=acc)
     expected = logits_to_label(reference.permute(0, 2, 3, 1), [4, 9])
     assert torch.equal(acc.label(), expected) and {4.0, 9.0} <= set(expected.unique().tolist())
     cut = float(reference.median())
-    high = LabelAccumulator([4, 9], (H, W, T), threshold=cut, dtype=torch.float32)
-    seg.propagate(frames, prompts, (H, W), sink=high)
-    assert torch.equal(high.label(), logits_to_label(reference.permute(0, 2, 3, 1), [4, 9], cut))
+    relabeled = [ObjectPrompts(i, p.name, p.slices) for i, p in zip([4, 9], prompts, strict=True)]
+    high = propagate_to_label(seg, frames, relabeled, cut, torch.float32, original_size=(H, W))
+    assert torch.equal(high, logits_to_label(reference.permute(0, 2, 3, 1), [4, 9], cut))
+    # from cached encoder outputs instead of frames: the same label
+    with torch.no_grad():
+        raw = seg.encode(frames)
+    cached = propagate_to_label(seg, None, relabeled, cut, torch.float32, features=raw, original_size=(H, W))
+    assert (cached == high).float().mean() > 0.999
 
     # the inferer's label (running argmax) is the argmax of the logits it would otherwise collect
     inferer = MemoryPropagationInferer(logits_dtype=torch.float32)

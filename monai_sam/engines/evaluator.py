@@ -11,7 +11,7 @@ from monai.utils import CommonKeys
 
 from monai_sam.engines.feature_cache import FeatureCache
 from monai_sam.engines.trainer import encoder_features, plain_tensor
-from monai_sam.inferers.memory_propagation import logits_to_label
+from monai_sam.inferers.memory_propagation import propagate_to_label
 from monai_sam.networks.sam2_volume import Sam2VolumeSegmenter, frames_from_sam_input
 
 __all__ = ["PromptedVolumeEvaluator", "PRED_LABEL", "prepare_volume_with_prompts"]
@@ -56,9 +56,8 @@ class PromptedVolumeEvaluator(SupervisedEvaluator):
         features = None
         if self.feature_cache is not None:
             features = encoder_features(seg, frames, self.state.device, self.feature_cache)
-        logits = seg.propagate(None if features is not None else frames, prompts, original_size=hw,
-                               output_size=hw, features=features)
-        pred = logits_to_label(logits.permute(0, 2, 3, 1), [p.object_id for p in prompts], self.threshold)
+        pred = propagate_to_label(seg, None if features is not None else frames, prompts, self.threshold,
+                                  torch.float32, features=features, original_size=hw, output_size=hw)
         pred = pred[None].to(label.device)  # (1, H, W, T)
         engine.state.output = {
             CommonKeys.IMAGE: image,

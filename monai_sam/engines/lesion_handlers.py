@@ -37,7 +37,7 @@ from monai_sam.evaluation.lesions import (
     write_lesion_summary_csv,
     write_lesions_csv,
 )
-from monai_sam.inferers.memory_propagation import logits_to_label
+from monai_sam.inferers.memory_propagation import propagate_to_label
 from monai_sam.networks.sam2_volume import frames_from_sam_input
 from monai_sam.transforms.lesions import FIRST_LESION_ID, merge_lesions
 
@@ -103,10 +103,8 @@ class LesionVolumeEvaluator(PromptedVolumeEvaluator):
             features = None
             if self.feature_cache is not None:
                 features = encoder_features(seg, frames, self.state.device, self.feature_cache)
-            logits = seg.propagate(None if features is not None else frames, prompts, original_size=hw,
-                                   output_size=hw, features=features)
-            ids = [p.object_id for p in prompts]
-            objects = logits_to_label(logits.permute(0, 2, 3, 1), ids, self.threshold)
+            objects = propagate_to_label(seg, None if features is not None else frames, prompts, self.threshold,
+                                         torch.float32, features=features, original_size=hw, output_size=hw)
         else:  # nothing to segment (the automatic mode found nothing): an empty prediction
             objects = torch.zeros((*hw, num_slices))
         objects = objects[None].to(label.device)  # (1, H, W, T)

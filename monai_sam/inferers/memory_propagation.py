@@ -34,7 +34,7 @@ from monai_sam.networks.sam2_volume import (
 )
 from monai_sam.prompts import ObjectPrompts
 
-__all__ = ["LabelAccumulator", "MemoryPropagationInferer", "logits_to_label"]
+__all__ = ["LabelAccumulator", "MemoryPropagationInferer", "logits_to_label", "propagate_to_label"]
 
 logger = logging.getLogger(__name__)
 
@@ -65,28 +65,27 @@ class LabelAccumulator:
 
     Args:
         object_ids: the id of each prompt row (``[p.object_id for p in prompts]``).
-        shape: ``(H, W, T)`` of the label, channel-last like the image.
+        num_slices: ``T``; the in-plane size is that of the first slice delivered.
         threshold: logit a voxel must exceed to belong to an object.
         dtype: dtype the running best logit is kept in (that of the delivered logits).
     """
 
     def __init__(
-        self,
-        object_ids: Sequence[int],
-        shape: Sequence[int],
-        threshold: float = 0.0,
-        dtype: torch.dtype = torch.float16,
-        device: str | torch.device = "cpu",
+        self, object_ids: Sequence[int], num_slices: int, threshold: float = 0.0, dtype: torch.dtype = torch.float16
     ) -> None:
-        if len(shape) != 3:
-            raise ValueError(f"shape must be (H, W, T), got {tuple(shape)}")
-        self.ids = torch.as_tensor(list(object_ids), dtype=torch.int32, device=device)
-        self.best = torch.full(tuple(shape), threshold, dtype=dtype, device=device)
-        self.winner = torch.zeros(tuple(shape), dtype=torch.int32, device=device)
+        self.ids = torch.as_tensor(list(object_ids), dtype=torch.int32)
+        self.num_slices, self.threshold, self.dtype = int(num_slices), float(threshold), dtype
+        self.best: Tensor | None = None  # (H, W, T), channel-last like the image
+        self.winner: Tensor | None = None
 
     def __call__(self, rows: list[int], slice_index: int, logits: Tensor) -> None:
         """Merge one slice's logits ``(len(rows), H, W)`` for the objects at ``rows``."""
-        top, idx = logits.to(self.best.dtype).max(dim=0)
+        if self.best is None:
+            shape, device = (*logits.shape[-2:], self.num_slices), logits.device
+            self.best = torch.full(shape, self.threshold, dtype=self.dtype, device=device)
+            self.winner = torch.zeros(shape, dtype=torch.int32, device=device)
+            self.ids = self.ids.to(device)
+        top, idx = logits.to(self.dtype).max(dim=0)
         best = self.best[..., slice_index]
         wins = top > best
         self.best[..., slice_index] = torch.where(wins, top, best)
@@ -94,7 +93,33 @@ class LabelAccumulator:
 
     def label(self) -> Tensor:
         """Object ids ``(H, W, T)`` as float32 (0 = background), as `logits_to_label` gives them."""
+        if self.winner is None:
+            raise RuntimeError("no slice was delivered: nothing was propagated")
         return self.winner.float()
+
+
+def propagate_to_label(
+    seg: Sam2VolumeSegmenter,
+    frames: Any,
+    prompts: Sequence[ObjectPrompts],
+    threshold: float = 0.0,
+    logits_dtype: torch.dtype = torch.float16,
+    features: Any = None,
+    **kwargs: Any,
+) -> Tensor:
+    """``logits_to_label(seg.propagate(...))`` ``(H, W, T)`` without every object's logits in memory.
+
+    ``frames`` / ``features`` and ``kwargs`` (``original_size``, ``output_size``, ``direction``,
+    ``progress``...) go to `Sam2VolumeSegmenter.propagate`; ``logits_dtype`` is the precision
+    objects are compared in.
+    """
+    if features is not None:
+        num_slices = int(features["backbone_fpn"][0].shape[0])
+    else:
+        num_slices = len(frames)
+    acc = LabelAccumulator([p.object_id for p in prompts], num_slices, threshold, logits_dtype)
+    seg.propagate(frames, list(prompts), features=features, output_dtype=logits_dtype, sink=acc, **kwargs)
+    return acc.label()
 
 
 class MemoryPropagationInferer(Inferer):
@@ -188,21 +213,13 @@ class MemoryPropagationInferer(Inferer):
             original = tuple(int(v) for v in (original_size or meta_size or plain.shape[1:3]))
             out_size = tuple(int(v) for v in plain.shape[1:3])
 
-        run = dict(
-            original_size=original,
-            output_size=out_size,
-            direction=self.direction,
-            progress=self.progress,
-            output_dtype=self.logits_dtype,
-        )
-        ids = [p.object_id for p in prompts]
+        run = dict(original_size=original, output_size=out_size, direction=self.direction, progress=self.progress)
         if self.return_probabilities:  # every object's logits are needed: collect them all
-            logits = seg.propagate(source, list(prompts), **run).permute(0, 2, 3, 1)  # (N, H, W, T)
-            label = logits_to_label(logits, ids, self.threshold)[None]
+            logits = seg.propagate(source, list(prompts), output_dtype=self.logits_dtype, **run)
+            logits = logits.permute(0, 2, 3, 1)  # (N, H, W, T): channel-first like the image
+            label = logits_to_label(logits, [p.object_id for p in prompts], self.threshold)[None]
         else:  # only the label: a running argmax, no (N, T, H, W) buffer
-            acc = LabelAccumulator(ids, (*out_size, len(source)), self.threshold, self.logits_dtype)
-            seg.propagate(source, list(prompts), sink=acc, **run)
-            label = acc.label()[None]
+            label = propagate_to_label(seg, source, prompts, self.threshold, self.logits_dtype, **run)[None]
         if batched:
             label = label[None]
         if isinstance(inputs, MetaTensor):

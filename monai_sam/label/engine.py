@@ -303,20 +303,19 @@ class Sam2LabelEngine:
     # ------------------------------------------------------------------ segmentation
     def propagate(self, entry: VolumeFeatures, objects: Sequence[ObjectPrompts]) -> np.ndarray:
         """Object-id label map ``(X, Y, Z)`` on the RAS grid from prompts on the RAS grid."""
-        from monai_sam.inferers import logits_to_label
+        from monai_sam.inferers import propagate_to_label
 
         geometry: ImageGeometry = entry.geometry
         with self._model_lock, torch.inference_mode():
             self.model()
             assert self._prepared is not None
-            logits = self._prepared.propagate(
+            label = propagate_to_label(
+                self._prepared,
                 None,
-                list(objects),
-                original_size=geometry.slice_size,
+                objects,
                 features=entry.as_network_features(),
-                output_dtype=torch.float16,
+                original_size=geometry.slice_size,
             )
-        label = logits_to_label(logits.permute(0, 2, 3, 1), [o.object_id for o in objects])
         return label.numpy().astype(np.int32)
 
     def segment(
