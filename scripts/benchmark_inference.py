@@ -38,6 +38,7 @@ between the markers of the "Inference (memory propagation)" section of ``docs/re
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import logging
 import os
@@ -46,6 +47,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -112,6 +114,46 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()
+    ]
+
+
+def _heap_in_use_mb() -> float | None:
+    """MB the C allocator has handed out and not taken back (glibc ``mallinfo2``; None elsewhere).
+
+    Unlike RSS this leaves out the freed memory the allocator keeps: the CPU analogue of
+    ``torch.cuda.memory_allocated``.
+    """
+    try:
+        mallinfo2 = ctypes.CDLL(None).mallinfo2
+    except (OSError, AttributeError):
+        return None
+    mallinfo2.restype = _MallInfo2
+    info = mallinfo2()
+    return (info.uordblks + info.hblkhd) / 2**20
+
+
+class _HeapPeak(threading.Thread):
+    """Samples `_heap_in_use_mb` every 2 ms (a call costs ~10 us) and keeps the largest value."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.peak = _heap_in_use_mb()
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while self.peak is not None and not self._stop_event.wait(0.002):
+            self.peak = max(self.peak, _heap_in_use_mb())
+
+    def stop(self) -> float | None:
+        self._stop_event.set()
+        self.join()
+        return self.peak
+
+
 def _save_masks(path: Path, masks: np.ndarray) -> None:
     """(N, X, Y, Z) bool -> packed bits (a 5 x 256 x 256 x 96 stack is 4 MB instead of 31)."""
     np.savez_compressed(path, bits=np.packbits(masks.astype(bool), axis=None), shape=np.array(masks.shape))
@@ -155,7 +197,9 @@ def worker(args: argparse.Namespace) -> None:
         model = build_sam2_video_predictor_model(
             "sam2.1_hiera_t", args.checkpoint, image_size=args.size, device=device
         )
-    rss_built = _rss_mb()
+    rss_built, heap_built = _rss_mb(), _heap_in_use_mb()
+    heap_peak = _HeapPeak()
+    heap_peak.start()
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -211,12 +255,15 @@ def worker(args: argparse.Namespace) -> None:
     if cuda:
         torch.cuda.synchronize()
     seconds, cpu_seconds = time.perf_counter() - start, _cpu_seconds() - cpu0
+    peak_heap = heap_peak.stop()
     result = {
         "seconds": seconds,
         "cpu_seconds": cpu_seconds,
         "load_average_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "peak_rss_mb": _peak_rss_mb(),
         "rss_after_build_mb": rss_built,
+        "peak_heap_in_use_mb": peak_heap,
+        "heap_in_use_after_build_mb": heap_built,
         "cuda_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
     }
     _save_masks(Path(args.result).with_suffix(".npz"), masks)
@@ -312,19 +359,26 @@ def update_results_md(path: Path, entries: list[dict]) -> None:
     rows = [
         "| device | image size | volume | organs | ours (s) | MONAI Label way (s) | speedup | "
         "our peak / its peak (RSS) | (CUDA) | RSS increase ours / its (MB) | "
+        "heap in use, increase ours / its (MB) | "
         "IoU vs SAM2VideoPredictor (min; at 0 / at its median) | command |",
-        "|---" * 12 + "|",
+        "|---" * 13 + "|",
     ]
     for e in entries:
         cuda = f"{e['memory_ratio_cuda']:.2f}" if e.get("memory_ratio_cuda") is not None else "-"
         o = e.get("oracle")
         oracle = f"{o['iou_min']:.4f} / {o.get('median_iou_min', float('nan')):.4f}" if o else "not run"
+        heap = (
+            f"{e['ours']['heap_increase_mb']:.0f} / {e['baseline']['heap_increase_mb']:.0f} "
+            f"({e['memory_ratio_heap_increase']:.2f})"
+            if e.get("memory_ratio_heap_increase") is not None
+            else "-"
+        )
         rows.append(
             f"| {e['device']} | {e['image_size']} | {'x'.join(map(str, e['volume_shape']))} | "
             f"{len(e['organs'])} | "
             f"{e['ours']['seconds']:.1f} | {e['baseline']['seconds']:.1f} | {e['speedup']:.2f} | "
             f"{e['memory_ratio']:.2f} | {cuda} | "
-            f"{e['ours']['rss_increase_mb']:.0f} / {e['baseline']['rss_increase_mb']:.0f} | {oracle} | "
+            f"{e['ours']['rss_increase_mb']:.0f} / {e['baseline']['rss_increase_mb']:.0f} | {heap} | {oracle} | "
             f"`{e['command']}` |"
         )
     block = "\n".join([MARK_BEGIN, *rows, MARK_END])
@@ -410,6 +464,8 @@ def main() -> None:
             ours, base = runs["ours"], runs["baseline"]
             for r in runs.values():
                 r["rss_increase_mb"] = r["peak_rss_mb"] - r["rss_after_build_mb"]
+                if r.get("peak_heap_in_use_mb") is not None:
+                    r["heap_increase_mb"] = r["peak_heap_in_use_mb"] - r["heap_in_use_after_build_mb"]
             all_seconds = {k: [round(r["seconds"], 1) for r in v] for k, v in tries.items()}
             entry = {
                 "device": device_name(args.device),
@@ -424,6 +480,9 @@ def main() -> None:
                 "speedup": base["seconds"] / ours["seconds"],
                 "memory_ratio": ours["peak_rss_mb"] / base["peak_rss_mb"],
                 "memory_ratio_rss_increase": ours["rss_increase_mb"] / base["rss_increase_mb"],
+                "memory_ratio_heap_increase": ours["heap_increase_mb"] / base["heap_increase_mb"]
+                if "heap_increase_mb" in ours and "heap_increase_mb" in base
+                else None,
                 "memory_ratio_cuda": (ours["cuda_peak_mb"] / base["cuda_peak_mb"])
                 if ours["cuda_peak_mb"]
                 else None,
@@ -441,11 +500,13 @@ def main() -> None:
                 "torch": torch.__version__,
             }
             logger.info(
-                "%d px: speedup %.2fx, memory ratio %.2f (RSS) / %.2f (RSS increase), oracle %s",
+                "%d px: speedup %.2fx, memory ratio %.2f (RSS) / %.2f (RSS increase) / %s (heap in use "
+                "increase), oracle %s",
                 size,
                 entry["speedup"],
                 entry["memory_ratio"],
                 entry["memory_ratio_rss_increase"],
+                "n/a" if entry["memory_ratio_heap_increase"] is None else f"{entry['memory_ratio_heap_increase']:.2f}",
                 entry["oracle"],
             )
             entries.append(entry)
