@@ -4,8 +4,9 @@ Why: on a CPU, each slice's image encoder allocates and frees tens of MB of acti
 small tensors that outlive the slice (the memory bank, the results) land between them. glibc
 cannot hand such a fragmented heap back, so the process's resident memory creeps up slice by
 slice (about 4 MB per slice at 512 px, measured: docs/results.md). ``malloc_trim`` returns the
-free pages inside the heap as well as at its end; called once per encoder chunk it costs a few
-milliseconds. Other C libraries (musl, macOS, Windows) have no such call: nothing is done there.
+free pages inside the heap as well as at its end; called once per encoder chunk it took the
+RSS increase of 48 slices from 421 to 311 MB at no measurable cost in time. Other C libraries
+(musl, macOS, Windows) have no such call: nothing is done there.
 """
 
 from __future__ import annotations
