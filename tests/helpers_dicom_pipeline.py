@@ -146,6 +146,16 @@ ORTHANC_DICOMWEB_PLUGINS = (
 )
 
 
+def segment_args(
+    input_dir: Path, prompts: Path, output: Path, bundle: Path, checkpoint: Path | None = None, *extra: str
+) -> list[str]:
+    """``monai-sam segment`` arguments: a local input folder through ``bundle`` to DICOM-SEG, on the CPU."""
+    args = ["segment", "--input", str(input_dir), "--bundle", str(bundle)]
+    if checkpoint is not None:
+        args += ["--checkpoint", str(checkpoint)]
+    return [*args, "--prompts", str(prompts), "--output", str(output), "--dicom-seg", "--device", "cpu", *extra]
+
+
 def free_port() -> int:
     import socket
 

@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,7 +25,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-from helpers_dicom_pipeline import CT_BUNDLE, REPO, SHAPE, phantom_series
+from helpers_dicom_pipeline import CT_BUNDLE, REPO, SHAPE, free_port, phantom_series, segment_args
 from pydicom.uid import generate_uid
 
 from monai_sam.cli import main
@@ -188,22 +187,7 @@ def bad_run(tmp_path_factory):
     out = root / "out"
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(config, "pixel_data_handlers", [numpy_handler, rle_handler])
-        rc = main(
-            [
-                "segment",
-                "--input",
-                str(archive),
-                "--bundle",
-                str(bundle),
-                "--prompts",
-                str(root / "prompts"),
-                "--output",
-                str(out),
-                "--dicom-seg",
-                "--device",
-                "cpu",
-            ]
-        )
+        rc = main(segment_args(archive, root / "prompts", out, bundle))
     summary = json.loads((out / "summary.json").read_text())
     errors = {e["case"]: e for e in summary["cases"]}
     return rc, out, folders, errors
@@ -339,14 +323,8 @@ def test_empty_input_folder(tmp_path, caplog):
     assert f"{tmp_path / 'empty'}: no NIfTI file and no DICOM file found" in caplog.text
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_dicomweb_server_down(tmp_path):
-    url = f"http://127.0.0.1:{_free_port()}/dicom-web"  # nothing listens there
+    url = f"http://127.0.0.1:{free_port()}/dicom-web"  # nothing listens there
     out = tmp_path / "out"
     rc = main(
         [

@@ -155,13 +155,17 @@ class _MaskEcho(torch.nn.Module):
 
     encoder_batch_size = 1
 
-    def propagate(self, frames, prompts, original_size, output_size, features=None):
+    def propagate(self, frames, prompts, original_size, output_size, features=None, output_dtype=None, sink=None):
         t = frames.shape[0]
         logits = torch.full((len(prompts), t, *output_size), -10.0)
         for n, p in enumerate(prompts):
             for sp in p.slices:
                 logits[n, sp.slice_index][torch.as_tensor(sp.mask)] = 10.0
-        return logits
+        if sink is None:
+            return logits
+        for f in range(t):  # slice by slice, as Sam2VolumeSegmenter delivers them
+            sink(list(range(len(prompts))), f, logits[:, f])
+        return None
 
 
 def test_evaluator_hands_class_maps_to_the_metrics_and_keeps_the_object_map(phantom_three_lesions):

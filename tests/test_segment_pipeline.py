@@ -29,6 +29,7 @@ from helpers_dicom_pipeline import (
     key_slice_iou,
     mask_prompt_file,
     phantom_series,
+    segment_args,
     set_auto_prompter,
     tiny_bundle,
 )
@@ -86,25 +87,7 @@ def archive(tmp_path_factory):
 def _segment(archive, models, out: Path, *extra: str) -> int:
     root, _ = archive
     ckpt, bundle = models
-    return main(
-        [
-            "segment",
-            "--input",
-            str(root / "in"),
-            "--bundle",
-            str(bundle),
-            "--checkpoint",
-            str(ckpt),
-            "--prompts",
-            str(root / "prompts"),
-            "--output",
-            str(out),
-            "--dicom-seg",
-            "--device",
-            "cpu",
-            *extra,
-        ]
-    )
+    return main(segment_args(root / "in", root / "prompts", out, bundle, ckpt, *extra))
 
 
 @pytest.fixture(scope="module")
@@ -216,20 +199,7 @@ def test_torchrun_processes_share_the_archive(first_run, archive, models):
         "--master_port=0",
         "-m",
         "monai_sam.cli",
-        "segment",
-        "--input",
-        str(root / "in"),
-        "--bundle",
-        str(bundle),
-        "--checkpoint",
-        str(ckpt),
-        "--prompts",
-        str(root / "prompts"),
-        "--output",
-        str(out),
-        "--dicom-seg",
-        "--device",
-        "cpu",
+        *segment_args(root / "in", root / "prompts", out, bundle, ckpt),
     ]
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0  # patient3 fails on rank 0, and torchrun reports it
