@@ -25,7 +25,9 @@ JPEG writing included, done once as MONAI Label caches it). ``--repeats N`` alte
 N times and keeps the fastest of each, as the machine may be shared (the load average before and
 after each run and its CPU seconds are in the JSON). Memory: peak RSS of the process
 (CPU) and ``torch.cuda.max_memory_allocated`` (GPU); "rss increase" is the peak minus the RSS
-right after the model was built (what the segmentation itself adds). RSS also counts memory
+right after the model was built (what the segmentation itself adds). ``encoder_seconds`` (and
+``encoder_calls``) is the time spent in the image encoder: the rest is SAM2's tracking, which
+both sides run alike. RSS also counts memory
 the C allocator keeps after it was freed (fragmentation), so on glibc the peak of the heap in
 use (``mallinfo2``, sampled every 20 ms) is recorded too: the CPU analogue of CUDA's
 allocated memory, what the method itself holds.
@@ -174,6 +176,34 @@ def _load_masks(path: Path) -> np.ndarray:
     return np.unpackbits(d["bits"], count=int(np.prod(shape))).reshape(shape).astype(bool)
 
 
+class _EncoderClock:
+    """Seconds spent in the image encoder, summed over its calls: the rest is tracking.
+
+    Splits a run's time into the part ours saves (the baseline encodes each slice once per
+    organ) and the part both sides share (SAM2's per-organ tracking step).
+    """
+
+    def __init__(self, encoder, cuda: bool) -> None:
+        self.seconds, self.calls, self.cuda, self._t0 = 0.0, 0, cuda, 0.0
+        encoder.register_forward_pre_hook(self._start)
+        encoder.register_forward_hook(self._stop)
+
+    def _sync(self) -> None:
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+
+    def _start(self, *_) -> None:
+        self._sync()
+        self._t0 = time.perf_counter()
+
+    def _stop(self, *_) -> None:
+        self._sync()
+        self.seconds += time.perf_counter() - self._t0
+        self.calls += 1
+
+
 def _cpu_seconds() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
@@ -206,6 +236,7 @@ def worker(args: argparse.Namespace) -> None:
         model = build_sam2_video_predictor_model(
             "sam2.1_hiera_t", args.checkpoint, image_size=args.size, device=device
         )
+    encoder_clock = _EncoderClock(model.image_encoder, cuda)
     rss_built, heap_built = _rss_mb(), _heap_in_use_mb()
     heap_peak = _HeapPeak()
     heap_peak.start()
@@ -268,6 +299,8 @@ def worker(args: argparse.Namespace) -> None:
     result = {
         "seconds": seconds,
         "cpu_seconds": cpu_seconds,
+        "encoder_seconds": encoder_clock.seconds,
+        "encoder_calls": encoder_clock.calls,
         "load_average_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "peak_rss_mb": _peak_rss_mb(),
         "rss_after_build_mb": rss_built,
