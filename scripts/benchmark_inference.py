@@ -30,7 +30,9 @@ right after the model was built (what the segmentation itself adds). ``encoder_s
 both sides run alike. RSS also counts memory
 the C allocator keeps after it was freed (fragmentation), so on glibc the peak of the heap in
 use (``mallinfo2``, sampled every 20 ms) is recorded too: the CPU analogue of CUDA's
-allocated memory, what the method itself holds.
+allocated memory, what the method itself holds. ``--malloc-library`` preloads another C
+allocator in both sides' processes (tcmalloc or jemalloc, which PyTorch's CPU performance
+tuning guide recommends): each allocator's figures are a row of their own.
 
 Writes ``docs/results_inference.json`` (one entry per device x setting, merged with earlier runs:
 ``speedup`` = baseline s / ours s, ``memory_ratio`` = our peak / baseline peak) and the table
@@ -38,12 +40,15 @@ between the markers of the "Inference (memory propagation)" section of ``docs/re
 
     python scripts/benchmark_inference.py --quick                  # CPU smoke run, ~2 min
     python scripts/benchmark_inference.py --image-sizes 512 1024   # full settings (GPU)
+    python scripts/benchmark_inference.py --image-sizes 512 --no-oracle \
+        --malloc-library /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4   # CPU, tcmalloc
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import functools
 import json
 import logging
 import os
@@ -126,12 +131,25 @@ class _MallInfo2(ctypes.Structure):
     ]
 
 
+@functools.lru_cache(maxsize=1)
+def _allocator() -> str:
+    """The C allocator serving ``malloc`` in this process: ``glibc`` unless one was preloaded."""
+    with open("/proc/self/maps") as f:
+        maps = f.read()
+    for name in ("tcmalloc", "jemalloc", "mimalloc"):
+        if f"lib{name}" in maps:
+            return name
+    return "glibc"
+
+
 def _heap_in_use_mb() -> float | None:
     """MB the C allocator has handed out and not taken back (glibc ``mallinfo2``; None elsewhere).
 
     Unlike RSS this leaves out the freed memory the allocator keeps: the CPU analogue of
-    ``torch.cuda.memory_allocated``.
+    ``torch.cuda.memory_allocated``. Under a preloaded allocator glibc's counters see nothing.
     """
+    if _allocator() != "glibc":
+        return None
     try:
         mallinfo2 = ctypes.CDLL(None).mallinfo2
     except (OSError, AttributeError):
@@ -222,6 +240,8 @@ def worker(args: argparse.Namespace) -> None:
     volume = np.load(folder / "volume.npy")  # (X, Y, Z) in [0, 1]
     prompts = load_prompts(folder)
     h, w, t = volume.shape
+    if args.malloc_library and _allocator() == "glibc":
+        raise RuntimeError(f"--malloc-library {args.malloc_library} was not loaded (LD_PRELOAD ignored?)")
 
     # every import before measuring: both sides start from the same process footprint
     from PIL import Image
@@ -307,6 +327,7 @@ def worker(args: argparse.Namespace) -> None:
         "peak_heap_in_use_mb": peak_heap,
         "heap_in_use_after_build_mb": heap_built,
         "cuda_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
+        "allocator": _allocator(),
     }
     _save_masks(Path(args.result).with_suffix(".npz"), masks)
     if logits is not None:  # for the logit-level comparison with the oracle
@@ -338,8 +359,12 @@ def run_worker(kind: str, size: int, folder: Path, opts: argparse.Namespace, rep
     ]
     if opts.checkpoint:
         cmd += ["--checkpoint", opts.checkpoint]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "TQDM_DISABLE": "1"}
+    if opts.malloc_library:
+        cmd += ["--malloc-library", opts.malloc_library]
+        env["LD_PRELOAD"] = opts.malloc_library
     logger.info("running %s at %d px ...", kind, size)
-    subprocess.run(cmd, check=True, env={**os.environ, "PYTHONWARNINGS": "ignore", "TQDM_DISABLE": "1"})
+    subprocess.run(cmd, check=True, env=env)
     out = json.loads(result.read_text())
     out["masks"] = _load_masks(result.with_suffix(".npz"))
     logits_path = result.with_suffix(".logits.npy")
@@ -396,6 +421,17 @@ def device_name(device: str) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} threads)"
 
 
+def merge_entries(old: list[dict], new: list[dict]) -> list[dict]:
+    """Earlier runs updated by new ones: one entry per device type, allocator, image size, volume."""
+
+    def setting(e: dict) -> tuple:
+        return e["device_type"], e.get("allocator", "glibc"), e["image_size"], tuple(e["volume_shape"])
+
+    merged = {setting(e): e for e in old}
+    merged.update({setting(e): e for e in new})
+    return sorted(merged.values(), key=lambda e: (*setting(e)[:2], tuple(e["volume_shape"]), e["image_size"]))
+
+
 def update_results_md(path: Path, entries: list[dict]) -> None:
     """Rewrite the table between the markers of the inference section (other sections untouched)."""
     rows = [
@@ -415,8 +451,10 @@ def update_results_md(path: Path, entries: list[dict]) -> None:
             if e.get("memory_ratio_heap_increase") is not None
             else "-"
         )
+        allocator = e.get("allocator", "glibc")
+        device = e["device"] if allocator == "glibc" or e["device_type"] == "cuda" else f"{e['device']}, {allocator}"
         rows.append(
-            f"| {e['device']} | {e['image_size']} | {'x'.join(map(str, e['volume_shape']))} | "
+            f"| {device} | {e['image_size']} | {'x'.join(map(str, e['volume_shape']))} | "
             f"{len(e['organs'])} | "
             f"{e['ours']['seconds']:.1f} | {e['baseline']['seconds']:.1f} | {e['speedup']:.2f} | "
             f"{e['memory_ratio']:.2f} | {cuda} | "
@@ -460,6 +498,11 @@ def main() -> None:
         "--checkpoint", default=None, help="official sam2.1_hiera_tiny.pt (default: random weights)"
     )
     p.add_argument("--no-oracle", action="store_true", help="skip the SAM2VideoPredictor-on-tensors run")
+    p.add_argument(
+        "--malloc-library",
+        help="preload this C allocator in both sides' processes (CPU), e.g. "
+        "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4; recorded as its own row",
+    )
     p.add_argument("--repeats", type=int, default=1, help="alternate ours/baseline runs; the fastest counts")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=ROOT / "docs" / "results_inference.json")
@@ -512,6 +555,7 @@ def main() -> None:
             entry = {
                 "device": device_name(args.device),
                 "device_type": "cuda" if args.device.startswith("cuda") else "cpu",
+                "allocator": ours["allocator"],
                 "image_size": size,
                 "volume_shape": list(shape),
                 "spacing_mm": [round(s, 4) for s in spacing],
@@ -553,14 +597,8 @@ def main() -> None:
             )
             entries.append(entry)
 
-    # merge with earlier runs: one entry per (device type, image size, volume shape)
     old = json.loads(args.json.read_text()).get("entries", []) if args.json.exists() else []
-    key = lambda e: (e["device_type"], e["image_size"], tuple(e["volume_shape"]))  # noqa: E731
-    merged = {key(e): e for e in old}
-    merged.update({key(e): e for e in entries})
-    ordered = sorted(
-        merged.values(), key=lambda e: (e["device_type"], tuple(e["volume_shape"]), e["image_size"])
-    )
+    ordered = merge_entries(old, entries)
     doc = {
         "description": "scripts/benchmark_inference.py: ours vs MONAI Label's SAM2 way (see its docstring)",
         "entries": ordered,
