@@ -18,7 +18,7 @@ from monai_sam.engines.evaluator import PRED_LABEL
 from monai_sam.evaluation.metrics import score_case, summarize, write_scores_csv, write_summary_csv
 from monai_sam.evaluation.overlays import save_overlay
 
-__all__ = ["ResumeFromLatest", "ClassMetricsWriter"]
+__all__ = ["ResumeFromLatest", "EpochMetricsWriter", "ClassMetricsWriter"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +47,26 @@ class ResumeFromLatest:
         logger.info("resumed from %s at epoch %d", path, engine.state.epoch)
 
 
-class ClassMetricsWriter:
+class EpochMetricsWriter:
+    """The metric writers' life cycle: reset when an epoch starts, score each iteration's case,
+    write the tables when the epoch completes (subclasses give the three steps)."""
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._score)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._write)
+
+    def _reset(self, engine: Engine) -> None:
+        raise NotImplementedError
+
+    def _score(self, engine: Engine) -> None:
+        raise NotImplementedError
+
+    def _write(self, engine: Engine) -> None:
+        raise NotImplementedError
+
+
+class ClassMetricsWriter(EpochMetricsWriter):
     """Per-case, per-class Dice / HD95 (mm) / surface Dice as CSV, a summary, overlays, a log table.
 
     Reads each iteration's integer prediction (``PRED_LABEL``) and truth at the volume's own
@@ -71,11 +90,6 @@ class ClassMetricsWriter:
         self.prefix = prefix
         self.scores: list = []
         self.summary: list[dict] = []
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self._score)
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self._write)
 
     def _reset(self, engine: Engine) -> None:
         self.scores = []

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from monai_sam.engines.evaluator import PRED_LABEL
 from monai_sam.engines.feature_cache import FeatureCache
+from monai_sam.engines.handlers import EpochMetricsWriter
 from monai_sam.engines.trainer import encoder_features
 from monai_sam.evaluation.optic_disc_cup import (
     format_disc_cup_table,
@@ -201,7 +202,7 @@ class PromptedImageEvaluator(SupervisedEvaluator):
         return out
 
 
-class DiscCupMetricsWriter:
+class DiscCupMetricsWriter(EpochMetricsWriter):
     """Per-case and summary tables (disc/cup Dice and IoU, vCDR error), overlay PNGs, a log table.
 
     Reads each iteration's ``PRED_LABEL`` and ``label_map`` (REFUGE labels, rows vertical). The
@@ -222,11 +223,6 @@ class DiscCupMetricsWriter:
         self.prefix = prefix
         self.scores: list = []
         self.summary: list[dict] = []
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self._score)
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self._write)
 
     def _reset(self, engine: Engine) -> None:
         self.scores = []

@@ -21,11 +21,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from ignite.engine import Engine, Events
+from ignite.engine import Engine
 from monai.networks.utils import one_hot
 from monai.utils import CommonKeys
 
 from monai_sam.engines.evaluator import PRED_LABEL, PromptedVolumeEvaluator
+from monai_sam.engines.handlers import EpochMetricsWriter
 from monai_sam.engines.trainer import encoder_features, plain_tensor
 from monai_sam.evaluation.lesions import (
     SIZE_BINS,
@@ -130,7 +131,7 @@ class LesionVolumeEvaluator(PromptedVolumeEvaluator):
         return engine.state.output
 
 
-class LesionMetricsWriter:
+class LesionMetricsWriter(EpochMetricsWriter):
     """Lesion-level metrics of the tumour class: per-lesion CSV, per-case CSV, summary, log table.
 
     Reads each iteration's class maps (`PRED_LABEL` and ``label_map``, at the volume's own
@@ -183,15 +184,10 @@ class LesionMetricsWriter:
         self.cases: list[CaseLesionSummary] = []
         self.summary: list[dict] = []
 
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self._match)
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self._write)
-
     def _reset(self, engine: Engine) -> None:
         self.rows, self.cases = [], []
 
-    def _match(self, engine: Engine) -> None:
+    def _score(self, engine: Engine) -> None:
         out = engine.state.output
         truth = out["label_map"]
         affine = getattr(truth, "affine", None)
