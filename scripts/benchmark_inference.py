@@ -458,7 +458,8 @@ def update_results_md(path: Path, entries: list[dict]) -> None:
             f"{len(e['organs'])} | "
             f"{e['ours']['seconds']:.1f} | {e['baseline']['seconds']:.1f} | {e['speedup']:.2f} | "
             f"{e['memory_ratio']:.2f} | {cuda} | "
-            f"{e['ours']['rss_increase_mb']:.0f} / {e['baseline']['rss_increase_mb']:.0f} | {heap} | {oracle} | "
+            f"{e['ours']['rss_increase_mb']:.0f} / {e['baseline']['rss_increase_mb']:.0f} "
+            f"({e['memory_ratio_rss_increase']:.2f}) | {heap} | {oracle} | "
             f"`{e['command']}` |"
         )
     block = "\n".join([MARK_BEGIN, *rows, MARK_END])
