@@ -191,3 +191,27 @@ def test_unreadable_files_and_masks_on_another_grid(tmp_path, image):
     path = _write(tmp_path, _doc([{"mask": "small_mask.nii.gz"}]))
     with pytest.raises(PromptFileError, match="object 1 \\(liver\\).*not on the image's grid"):
         load_prompt_file(path, image)
+
+
+def test_load_prompt_file_transforms_volume_and_photo(tmp_path, image):
+    from monai_sam.transforms import LoadPromptFiled
+    from monai_sam.transforms.regions import LoadPhotoPromptFiled
+
+    doc = {"version": 1, "coordinates": "voxel", "objects": [{"id": 1, "slices": [{"points": [list(MARK_A)]}]}]}
+    path = _write(tmp_path, doc)
+    (obj,) = LoadPromptFiled()({"image": image, "prompt_file": str(path)})["prompts"]
+    (ref,) = load_prompt_file(path, image)
+    assert (obj.object_id, obj.slices[0].slice_index) == (ref.object_id, ref.slices[0].slice_index)
+    np.testing.assert_array_equal(obj.slices[0].points, ref.slices[0].points)
+    with pytest.raises(KeyError, match="no prompt file under 'prompt_file'"):
+        LoadPromptFiled()({"image": image})
+    assert "prompts" not in LoadPromptFiled(allow_missing_keys=True)({"image": image})
+
+    # a photograph (rows vertical): [x, y, 0] = column x, row y of the picture
+    photo = torch.zeros(3, 40, 60)
+    doc = {"version": 1, "coordinates": "voxel", "objects": [{"id": 2, "slices": [{"points": [[50, 30, 0]]}]}]}
+    (obj,) = LoadPhotoPromptFiled()({"image": photo, "prompt_file": str(_write(tmp_path, doc, "photo.json"))})["prompts"]
+    np.testing.assert_allclose(obj.slices[0].points, [[50, 30]])
+    doc["objects"][0]["slices"][0]["points"] = [[30, 50, 0]]  # row 50 of a 40-row picture
+    with pytest.raises(PromptFileError):
+        LoadPhotoPromptFiled()({"image": photo, "prompt_file": str(_write(tmp_path, doc, "outside.json"))})

@@ -11,6 +11,7 @@ the shared prompt representation, a list of `monai_sam.prompts.ObjectPrompts`.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
@@ -440,12 +441,16 @@ class LoadPromptFiled(MapTransform):
         self.path_key, self.image_key, self.prompt_key = path_key, image_key, prompt_key
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        from monai_sam.io.prompt_file import load_prompt_file
-
         d = dict(data)
         if self.path_key not in d:
             if self.allow_missing_keys:
                 return d
             raise KeyError(f"no prompt file under {self.path_key!r} for {source_name(d, self.image_key)}")
-        d[self.prompt_key] = load_prompt_file(d[self.path_key], d[self.image_key])
+        d[self.prompt_key] = self.load(d[self.path_key], d[self.image_key])
         return d
+
+    def load(self, path: str | os.PathLike, image: Any) -> list[ObjectPrompts]:
+        """The prompts of one file for its loaded image."""
+        from monai_sam.io.prompt_file import load_prompt_file
+
+        return load_prompt_file(path, image)

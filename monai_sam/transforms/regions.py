@@ -21,6 +21,7 @@ loaded with ``LoadImaged(reader="PILReader", reverse_indexing=False)``):
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from monai.transforms import Crop, InvertibleTransform, MapTransform, Randomizab
 from monai.utils import convert_to_numpy
 
 from monai_sam.prompts import ObjectPrompts, SlicePrompt
-from monai_sam.transforms.prompts import PromptFromLabeld, RandPromptFromLabeld
+from monai_sam.transforms.prompts import LoadPromptFiled, PromptFromLabeld, RandPromptFromLabeld
 from monai_sam.transforms.slices import source_name
 
 __all__ = [
@@ -399,29 +400,13 @@ def load_photo_prompt_file(path, height: int, width: int) -> list[ObjectPrompts]
     return load_prompt_file(path, photo_geometry(height, width))
 
 
-class LoadPhotoPromptFiled(MapTransform):
+class LoadPhotoPromptFiled(LoadPromptFiled):
     """Read each photograph's prompt file (``data[path_key]``) into ``list[ObjectPrompts]``.
 
     Runs after loading (rows vertical, ``reverse_indexing=False``) and before any crop or resize;
     see `load_photo_prompt_file` for the coordinates.
     """
 
-    def __init__(
-        self,
-        path_key: str = "prompt_file",
-        image_key: str = "image",
-        prompt_key: str = "prompts",
-        allow_missing_keys: bool = False,
-    ) -> None:
-        super().__init__(path_key, allow_missing_keys)
-        self.path_key, self.image_key, self.prompt_key = path_key, image_key, prompt_key
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        if self.path_key not in d:
-            if self.allow_missing_keys:
-                return d
-            raise KeyError(f"no prompt file under {self.path_key!r} for {source_name(d, self.image_key)}")
-        h, w = (int(v) for v in d[self.image_key].shape[-2:])
-        d[self.prompt_key] = load_photo_prompt_file(d[self.path_key], h, w)
-        return d
+    def load(self, path: str | os.PathLike, image: Any) -> list[ObjectPrompts]:
+        h, w = (int(v) for v in image.shape[-2:])
+        return load_photo_prompt_file(path, h, w)
