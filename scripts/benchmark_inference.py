@@ -452,7 +452,7 @@ def update_results_md(path: Path, entries: list[dict]) -> None:
             else "-"
         )
         allocator = e.get("allocator", "glibc")
-        device = e["device"] if allocator == "glibc" or e["device_type"] == "cuda" else f"{e['device']}, {allocator}"
+        device = e["device"] if allocator == "glibc" else f"{e['device']}, {allocator}"
         rows.append(
             f"| {device} | {e['image_size']} | {'x'.join(map(str, e['volume_shape']))} | "
             f"{len(e['organs'])} | "
