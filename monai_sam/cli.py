@@ -120,7 +120,10 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
                      "(its inference.yaml 'auto_prompter')")
     how.add_argument("--checkpoint", type=Path, default=None,
                      help="official SAM2/SAM2.1 .pt: without --bundle the model itself; with --bundle "
-                     "the frozen encoder the bundle was trained on (none: random weights, a demo only)")
+                     "the frozen encoder the bundle was trained on (none: refused unless --demo)")
+    how.add_argument("--demo", action="store_true",
+                     help="allow random weights (no checkpoint): every output then says 'demo' "
+                     "(record, NIfTI description, SEG series description and content label)")
     how.add_argument("--model-size", default="sam2.1_hiera_t",
                      help="without --bundle: sam2.1_hiera_t|s|b+|l, sam2_hiera_*")
     how.add_argument("--image-size", type=int, default=1024,
@@ -133,6 +136,8 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
     out.add_argument("--dicom-seg", action="store_true", help="also write a DICOM-SEG for DICOM inputs")
     out.add_argument("--no-store", action="store_true",
                      help="with --dicomweb: do not store the SEG back (STOW-RS)")
+    out.add_argument("--store-demo", action="store_true",
+                     help="with --dicomweb and --demo: store the demo SEG to the PACS too (never by default)")
     out.add_argument("--overwrite", action="store_true", help="redo cases already done")
     run = p.add_argument_group("running")
     run.add_argument("--device", default="auto",
@@ -178,10 +183,12 @@ def _bundle_modalities(bundle: Path | None) -> tuple[str, ...]:
 
 
 def _run_segment(args: argparse.Namespace) -> int:
+    from monai_sam.demo import DemoWeightsError, require_weights
     from monai_sam.pipeline import (
         PipelineError,
         bundle_parser,
         load_bundle_model,
+        require_bundle_weights,
         load_checkpoint_model,
         rank_and_world,
         resolve_device,
@@ -204,16 +211,24 @@ def _run_segment(args: argparse.Namespace) -> int:
         window = None if str(args.window).lower() == "none" else args.window
         if args.bundle is not None:
             def factory():
-                return load_bundle_model(args.bundle, args.checkpoint, device=device, need_auto=args.auto)
+                return load_bundle_model(
+                    args.bundle, args.checkpoint, device=device, need_auto=args.auto, demo=args.demo
+                )
         else:
             def factory():
                 return load_checkpoint_model(
                     args.checkpoint, args.model_size, args.image_size, window, device, args.precision,
-                    args.encoder_batch_size,
+                    args.encoder_batch_size, demo=args.demo,
                 )
         factory = functools.cache(factory)  # built once, and only when a case needs it
+        # fail fast, before any case: a bundle that cannot serve, random weights not asked for
         if args.bundle is not None:
-            bundle_parser(args.bundle, need_auto=args.auto)  # fail fast on a bundle that cannot serve
+            parser = bundle_parser(args.bundle, need_auto=args.auto)
+            if args.checkpoint is not None:
+                parser["checkpoint"] = str(args.checkpoint)
+            require_bundle_weights(parser, args.bundle, args.demo)
+        else:
+            require_weights(args.checkpoint, args.demo, "monai-sam segment")
         modalities = _bundle_modalities(args.bundle)
         cases = _segment_cases(args, modalities)
         dicomweb = None
@@ -224,16 +239,19 @@ def _run_segment(args: argparse.Namespace) -> int:
         summary = run_pipeline(
             cases, factory, args.output, prompts=args.prompts, auto=args.auto, dicom_seg=args.dicom_seg,
             overwrite=args.overwrite, dicomweb=dicomweb, store=not args.no_store, min_slices=args.min_slices,
-            modalities=modalities, rank=rank, world_size=world,
+            modalities=modalities, rank=rank, world_size=world, store_demo=args.store_demo,
         )
-    except (PipelineError, FileNotFoundError, ValueError) as err:
+    except (PipelineError, DemoWeightsError, FileNotFoundError, ValueError) as err:
         logger.error("segment: %s", err)  # the message names the file, study or bundle and what is wrong
         return 2
     return 2 if summary["counts"]["failed"] else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from monai_sam import __version__
+
     parser = argparse.ArgumentParser(prog="monai-sam", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"monai-sam {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_make_phantoms(sub)

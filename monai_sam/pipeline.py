@@ -39,6 +39,8 @@ from typing import Any
 
 import torch
 
+from monai_sam.demo import DEMO_TEXT
+
 __all__ = [
     "Case",
     "PipelineError",
@@ -48,6 +50,7 @@ __all__ = [
     "load_bundle_model",
     "load_checkpoint_model",
     "rank_and_world",
+    "require_bundle_weights",
     "resolve_device",
     "run_pipeline",
     "output_stem",
@@ -100,6 +103,7 @@ class SegmentationModel:
     modalities: tuple[str, ...] = ("CT", "MR")
     auto_prompter: Callable | None = None
     parameters: dict[str, str] = dataclasses.field(default_factory=dict)
+    demo: bool = False  # random weights (`monai_sam.demo`): every output says so
 
 
 # ----------------------------------------------------------------------------- ranks
@@ -124,12 +128,28 @@ def rank_and_world() -> tuple[int, int, int]:
 
 
 def resolve_device(device: str, local_rank: int = 0) -> torch.device:
-    """``"auto"``: this process's GPU (``cuda:LOCAL_RANK`` under torchrun) or the CPU; else as given."""
-    if str(device) != "auto":
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device(f"cuda:{local_rank % torch.cuda.device_count()}")
-    return torch.device("cpu")
+    """``"auto"``: this process's GPU (``cuda:LOCAL_RANK`` under torchrun) or the CPU; else as given.
+
+    Raises:
+        PipelineError: ``device`` is not a device name, or names a CUDA device this machine lacks.
+    """
+    if str(device) == "auto":
+        if torch.cuda.is_available():
+            return torch.device(f"cuda:{local_rank % torch.cuda.device_count()}")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(str(device))
+    except RuntimeError as err:
+        raise PipelineError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from err
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise PipelineError(f"device {device!r}: this machine has no usable CUDA GPU (use cpu or auto)")
+        if dev.index is not None and dev.index >= count:
+            raise PipelineError(f"device {device!r}: this machine has {count} CUDA GPU(s), cuda:0..cuda:{count - 1}")
+    elif dev.type not in ("cpu", "mps"):
+        raise PipelineError(f"device {device!r}: only cpu and cuda devices are supported")
+    return dev
 
 
 # ----------------------------------------------------------------------------- discovery
@@ -280,11 +300,17 @@ def load_checkpoint_model(
     device: str | torch.device = "cpu",
     precision: str = "auto",
     encoder_batch_size: int = 8,
+    demo: bool = False,
 ) -> SegmentationModel:
-    """An official SAM2 checkpoint (or random init / demo) used as is, without a bundle."""
+    """An official SAM2 checkpoint used as is, without a bundle.
+
+    Without ``checkpoint`` the weights are random: refused unless ``demo`` (`monai_sam.demo`).
+    """
+    from monai_sam.demo import require_weights
     from monai_sam.networks import Sam2VolumeSegmenter, build_sam2_model
     from monai_sam.segment import _autocast_dtype
 
+    is_demo = require_weights(checkpoint, demo, "monai-sam segment")
     dev = torch.device(device)
     model = build_sam2_model(model_size, checkpoint, image_size=image_size, device=dev)
     network = Sam2VolumeSegmenter(
@@ -299,6 +325,7 @@ def load_checkpoint_model(
         version="official" if checkpoint else "random init / demo",
         checkpoint_sha256=_sha256_or(checkpoint),
         parameters={"image_size": str(image_size), "window": str(window)},
+        demo=is_demo,
     )
 
 
@@ -334,11 +361,20 @@ def bundle_parser(bundle_dir: str | os.PathLike, need_auto: bool = False):
     return parser
 
 
+def require_bundle_weights(parser, bundle_dir: str | os.PathLike, demo: bool) -> bool:
+    """True if the bundle's frozen encoder has no checkpoint (a demo); raise unless ``demo``."""
+    from monai_sam.demo import require_weights
+
+    base = parser.get_parsed_content("checkpoint") if parser.get("checkpoint") else None
+    return require_weights(base, demo, f"bundle {bundle_dir}")
+
+
 def load_bundle_model(
     bundle_dir: str | os.PathLike,
     checkpoint: str | os.PathLike | None = None,
     device: str | torch.device = "cpu",
     need_auto: bool = False,
+    demo: bool = False,
 ) -> SegmentationModel:
     """The trained network of a bundle, parsed from its configs (no ``monai.bundle run``).
 
@@ -349,7 +385,8 @@ def load_bundle_model(
     ``checkpoint`` (the official weights of the frozen encoder the bundle was trained on).
 
     A bundle without trained weights is an error: a user who names a bundle expects its
-    trained model, and the bundle's own inference refuses the same way.
+    trained model, and the bundle's own inference refuses the same way. A bundle whose frozen
+    encoder has no official checkpoint runs random weights: refused unless ``demo``.
 
     Raises:
         PipelineError: missing configs or keys, no trained weights, weights from another
@@ -364,6 +401,7 @@ def load_bundle_model(
     parser = bundle_parser(bundle_dir, need_auto=need_auto)
     if checkpoint is not None:
         parser["checkpoint"] = str(checkpoint)
+    is_demo = require_bundle_weights(parser, bundle_dir, demo)
     parser["device"] = f"$torch.device('{torch.device(device)}')"
     trained = Path(parser.get_parsed_content("trained_model")) if parser.get("trained_model") else None
     trained = trained or bundle_dir / "models" / "model.pt"
@@ -420,6 +458,7 @@ def load_bundle_model(
             "window": str(window),
             "base_checkpoint_sha256": _sha256_or(base),
         },
+        demo=is_demo,
     )
 
 
@@ -506,6 +545,7 @@ def _process(
     dicomweb: Any | None,
     store: bool,
     min_slices: int,
+    store_demo: bool = False,
 ) -> dict:
     """Segment one case into ``staging``; returns its record (outputs not yet moved into place).
 
@@ -545,11 +585,12 @@ def _process(
         objects, source = _prompts_for(case, prompts, auto, model, volume)
     label = segment_volume(volume, objects, network=model.network, window=model.window, progress=progress)
     names = _segment_names(objects, model)
-    outputs = [write_label(label, staging / f"{stem}.nii.gz").name]
+    description = DEMO_TEXT if model.demo else f"monai-sam {model.name} ({source} prompts)"
+    outputs = [write_label(label, staging / f"{stem}.nii.gz", description=description).name]
     seg_info: dict[str, Any] = {}
     if dicom_seg:
         algorithm = AlgorithmInfo(
-            model.name, model.version, model.checkpoint_sha256, source, model.parameters
+            model.name, model.version, model.checkpoint_sha256, source, model.parameters, demo=model.demo
         )
         ds = write_dicom_seg(label, series, staging / f"{stem}.dcm", names, algorithm)
         outputs.append(f"{stem}.dcm")
@@ -557,13 +598,20 @@ def _process(
             "seg_series_uid": str(ds.SeriesInstanceUID),
             "seg_sop_instance_uid": str(ds.SOPInstanceUID),
         }
-        if case.kind == "dicomweb" and store:
+        if case.kind == "dicomweb" and store and model.demo and not store_demo:
+            logger.warning(
+                "case %s: the SEG is a demo (random weights): not stored to %s (--store-demo to store it)",
+                case.name, dicomweb.url,
+            )
+            seg_info["not_stored"] = "demo (random weights); --store-demo stores it"
+        elif case.kind == "dicomweb" and store:
             dicomweb.store(staging / f"{stem}.dcm")
             seg_info["stored_to"] = dicomweb.url
     found = sorted(int(v) for v in torch.unique(label).tolist() if v != 0)
     return {
         "format": RECORD_FORMAT,
         "status": "done",
+        **({"demo": True, "warning": DEMO_TEXT} if model.demo else {"demo": False}),
         "case": case.name,
         "source": case.source,
         "study_uid": case.study_uid or (series.study_uid if series else None),
@@ -623,6 +671,7 @@ def run_pipeline(
     modalities: Sequence[str] = ("CT", "MR"),
     rank: int | None = None,
     world_size: int | None = None,
+    store_demo: bool = False,
 ) -> dict:
     """Segment this process's share of ``cases``; returns (and writes) the summary.
 
@@ -637,6 +686,8 @@ def run_pipeline(
         overwrite: redo cases already done.
         dicomweb: a `monai_sam.io.dicomweb.DicomWebSource` for ``"dicomweb"`` cases.
         store: store each SEG back through DICOMweb (STOW-RS).
+        store_demo: store it even when the model is a demo (random weights); without it a
+            demo SEG never reaches the PACS.
         min_slices: fewest slices of a usable series (DICOMweb studies; see `discover_cases`).
         modalities: the image modalities the model segments (a bundle's metadata says which).
         rank, world_size: default to `rank_and_world`.
@@ -719,6 +770,7 @@ def run_pipeline(
                 dicomweb=dicomweb,
                 store=store,
                 min_slices=min_slices,
+                store_demo=store_demo,
             )
             record["seconds"] = round(time.time() - t0, 2)
             record["finished"] = datetime.datetime.now().isoformat(timespec="seconds")

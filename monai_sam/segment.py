@@ -124,6 +124,7 @@ def segment_volume(
     encoder_batch_size: int = 8,
     network: Any | None = None,
     progress: bool = False,
+    demo: bool = False,
 ) -> MetaTensor:
     """Segment objects in a CT/MR volume from prompts on one or more key slices.
 
@@ -131,8 +132,8 @@ def segment_volume(
         image: a NIfTI file, a DICOM series folder, or a volume already loaded by
             `monai_sam.data.loading.load_volume` (channel-first RAS MetaTensor).
         prompts: a prompt file (docs/prompt_file.md) or `ObjectPrompts` on the RAS array.
-        checkpoint: official SAM2/SAM2.1 ``.pt`` of ``model_size``; None = random weights
-            (a loud warning: the output is then a demo, not a segmentation).
+        checkpoint: official SAM2/SAM2.1 ``.pt`` of ``model_size``; None = random weights,
+            refused unless ``demo`` (the output is then a demo, not a segmentation).
         model_size: ``sam2.1_hiera_t|s|b+|l`` or ``sam2_hiera_t|s|b+|l``.
         image_size: SAM2 input size in pixels (1024 for the official weights).
         window: intensity step, see `intensity_transform` (``"auto"``: CT window or MR percentiles).
@@ -143,17 +144,21 @@ def segment_volume(
         network: a ready `Sam2VolumeSegmenter` to reuse (then checkpoint/model_size/image_size
             are not used).
         progress: tqdm bars over slices.
+        demo: allow random weights (no ``checkpoint`` and no ``network``).
 
     Returns:
         The label map ``(1, X, Y, Z)`` (object ids, 0 background) as a MetaTensor in the input
         file's orientation, with its affine (``meta["affine"]``) equal to the input's.
     """
     from monai_sam.data.loading import load_volume
+    from monai_sam.demo import require_weights
     from monai_sam.inferers import MemoryPropagationInferer
     from monai_sam.io.prompt_file import load_prompt_file
     from monai_sam.networks import Sam2VolumeSegmenter, build_sam2_model
     from monai_sam.transforms import SamInput
 
+    if network is None:
+        require_weights(checkpoint, demo, "segment_volume", option="demo=True")
     volume = image if isinstance(image, MetaTensor) else load_volume(image)
     objects = (
         list(prompts) if not isinstance(prompts, (str, os.PathLike)) else load_prompt_file(prompts, volume)
@@ -184,8 +189,12 @@ def case_name(path: str | os.PathLike) -> str:
     )
 
 
-def write_label(label: MetaTensor, path: str | os.PathLike) -> Path:
-    """Write a ``(1, X, Y, Z)`` label as NIfTI with its affine: temp file + ``os.replace``."""
+def write_label(label: MetaTensor, path: str | os.PathLike, description: str | None = None) -> Path:
+    """Write a ``(1, X, Y, Z)`` label as NIfTI with its affine: temp file + ``os.replace``.
+
+    ``description`` goes to the header's ``descrip`` field (80 characters), what viewers show
+    as the file's description (a demo result says so there).
+    """
     import nibabel as nib
 
     path = Path(path)
@@ -198,6 +207,8 @@ def write_label(label: MetaTensor, path: str | os.PathLike) -> Path:
     img.set_sform(affine, code=1)
     img.set_qform(affine, code=1)
     img.header.set_xyzt_units(xyz="mm")
+    if description:
+        img.header["descrip"] = description.encode("ascii", "replace")[:80]
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".nii.gz", dir=path.parent)
     os.close(fd)
     try:

@@ -154,6 +154,7 @@ def test_ct_bundle_runs_fully_automatically(tmp_path):
     root, data = tmp_path / "bundle", tmp_path / "data"
     tiny = {
         "bundle_root": str(root),
+        "demo": True,
         "dataset_dir": str(data),
         "num_phantoms": 3,
         "phantom_shape": [48, 48, 16],
@@ -194,7 +195,7 @@ def test_ct_bundle_runs_fully_automatically(tmp_path):
     torch.save({"model": ckpt.state_dict()}, root / "models" / "model.pt")
     wf.run()
     outs = list((tmp_path / "pred").glob("*.nii.gz"))
-    assert [p.name for p in outs] == ["phantom_ct_000_seg_auto_prompts.nii.gz"], (
+    assert [p.name for p in outs] == ["phantom_ct_000_seg_auto_prompts_demo.nii.gz"], (
         "auto prompts are named apart"
     )
     ref = nib.load(data / "imagesTr" / "phantom_ct_000.nii.gz")

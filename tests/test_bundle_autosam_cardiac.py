@@ -23,6 +23,7 @@ def tiny(root: Path, data: Path, **extra) -> dict:
     """Overrides that make the bundle run in seconds: 4 small phantoms, 128 px, 2 slices per volume."""
     return {
         "bundle_root": str(root),
+        "demo": True,  # random weights: inference runs only when told
         "dataset_dir": str(data),
         "num_phantoms": 4,
         "phantom_shape": [48, 48, 8],
@@ -160,7 +161,7 @@ def test_inference_writes_automatic_labels_in_the_input_geometry(trained, data, 
         **tiny(root, data, input_dir=str(data / "imagesTr"), inference_output_dir=str(tmp_path / "pred")),
     )
     wf.run()
-    outs = sorted((tmp_path / "pred").glob("*_seg_auto.nii.gz"))
+    outs = sorted((tmp_path / "pred").glob("*_seg_auto_demo.nii.gz"))
     assert len(outs) == 4
     ref = nib.load(data / "imagesTr" / "phantom_cardiac_mr_000.nii.gz")
     pred = nib.load(outs[0])

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slow
 def tiny(root: Path, data: Path, **extra) -> dict:
     """Overrides that make the bundle run in seconds: small phantoms, 128 px, 4-slice sequences."""
     return {
-        "bundle_root": str(root), "dataset_dir": str(data), "num_phantoms": 3,
+        "bundle_root": str(root), "demo": True, "dataset_dir": str(data), "num_phantoms": 3,
         "phantom_shape": [48, 48, 20], "phantom_spacing": [4.3, 4.3, 8.0], "image_size": 128,
         "num_slices": 4, "epochs": 1, "batch_size": 2, "sequences_per_volume": 1, **extra,
     }
@@ -160,7 +160,7 @@ def test_inference_from_labels_and_from_prompt_files(trained, tmp_path):
                                           label_dir=str(data / "labelsTr"),
                                           inference_output_dir=str(tmp_path / "oracle")))
     wf.run()
-    outs = sorted((tmp_path / "oracle").glob("*_seg_oracle_prompts.nii.gz"))
+    outs = sorted((tmp_path / "oracle").glob("*_seg_oracle_prompts_demo.nii.gz"))
     assert len(outs) == 3
     ref = nib.load(data / "imagesTr" / "phantom_ct_000.nii.gz")
     pred = nib.load(outs[0])
@@ -183,7 +183,7 @@ def test_inference_from_labels_and_from_prompt_files(trained, tmp_path):
     wf = workflow(INFER, "infer", **tiny(base / "bundle", data, input_dir=str(single), prompt_dir=str(prompts),
                                           inference_output_dir=str(tmp_path / "user")))
     wf.run()
-    assert [p.name for p in (tmp_path / "user").glob("*.nii.gz")] == ["phantom_ct_000_seg.nii.gz"]
+    assert [p.name for p in (tmp_path / "user").glob("*.nii.gz")] == ["phantom_ct_000_seg_demo.nii.gz"]
 
 
 def test_trained_parts_refuse_another_encoder(trained):

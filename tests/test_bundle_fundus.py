@@ -72,6 +72,7 @@ def tiny(root: Path, data: Path, **extra) -> dict:
     """Overrides that make the bundle run in seconds: 6 photographs of 128 px, model input 128 px."""
     return {
         "bundle_root": str(root),
+        "demo": True,  # random weights: inference runs only when told
         "dataset_dir": str(data),
         "num_images": 6,
         "fundus_size": 128,
@@ -249,7 +250,7 @@ def test_inference_from_labels_and_from_a_prompt_file(trained, tmp_path):
     )
     wf.run()
     outs = sorted((tmp_path / "oracle").glob("*.png"))
-    assert len(outs) == 6 and all(p.name.endswith("_seg_oracle_prompts.png") for p in outs)
+    assert len(outs) == 6 and all(p.name.endswith("_seg_oracle_prompts_demo.png") for p in outs)
     pred = np.asarray(Image.open(outs[0]))
     assert pred.shape == (128, 128), "pasted back into the whole photograph"
     assert set(np.unique(pred).tolist()) <= {0, 128, 255} and (pred == 255).mean() > 0.5
@@ -299,9 +300,9 @@ def test_inference_from_labels_and_from_a_prompt_file(trained, tmp_path):
     wf.run()
     assert sorted(p.name for p in (tmp_path / "user").iterdir()) == [
         "fundus_000_overlay.png",
-        "fundus_000_seg.png",
+        "fundus_000_seg_demo.png",
     ]
-    pred = np.asarray(Image.open(tmp_path / "user" / "fundus_000_seg.png"))
+    pred = np.asarray(Image.open(tmp_path / "user" / "fundus_000_seg_demo.png"))
     assert pred.shape == (128, 128) and set(np.unique(pred).tolist()) <= {0, 1, 2}
 
 

@@ -31,7 +31,7 @@ SHAPE, SPACING = (48, 48, 12), (4.3, 4.3, 8.0)
 def tiny(root: Path, data: Path, **extra) -> dict:
     """Overrides that make the bundle run in seconds: 3 small phantoms with 2 tumours, 128 px."""
     return {
-        "bundle_root": str(root), "dataset_dir": str(data), "num_phantoms": 3, "phantom_tumors": 2,
+        "bundle_root": str(root), "demo": True, "dataset_dir": str(data), "num_phantoms": 3, "phantom_tumors": 2,
         "phantom_shape": list(SHAPE), "phantom_spacing": list(SPACING), "image_size": 128,
         "num_slices": 4, "epochs": 1, "batch_size": 2, **extra,
     }
@@ -215,8 +215,8 @@ def test_inference_from_labels_and_from_a_prompt_file(trained, tmp_path):
                                           label_dir=str(single_label), inference_output_dir=str(oracle)))
     wf.run()
     ref = nib.load(data / "imagesTr" / f"{case}.nii.gz")
-    seg = nib.load(oracle / f"{case}_seg_oracle_prompts.nii.gz")
-    objects = nib.load(oracle / f"{case}_objects_oracle_prompts.nii.gz")
+    seg = nib.load(oracle / f"{case}_seg_oracle_prompts_demo.nii.gz")
+    objects = nib.load(oracle / f"{case}_objects_oracle_prompts_demo.nii.gz")
     assert seg.shape == objects.shape == ref.shape and np.allclose(seg.affine, ref.affine, atol=1e-4)
     seg_a, obj_a = np.asarray(seg.dataobj), np.asarray(objects.dataobj)
     n = len(_lesions(data / "labelsTr" / f"{case}.nii.gz"))
@@ -241,8 +241,8 @@ def test_inference_from_labels_and_from_a_prompt_file(trained, tmp_path):
                                           prompt_dir=str(prompts), inference_output_dir=str(user)))
     wf.run()
     written = sorted(p.name for p in user.glob("*.nii.gz"))
-    assert written == [f"{case}_objects.nii.gz", f"{case}_seg.nii.gz"]
-    user_seg = np.asarray(nib.load(user / f"{case}_seg.nii.gz").dataobj)
+    assert written == [f"{case}_objects_demo.nii.gz", f"{case}_seg_demo.nii.gz"]
+    user_seg = np.asarray(nib.load(user / f"{case}_seg_demo.nii.gz").dataobj)
     assert set(np.unique(user_seg).tolist()) <= {0, 2}
 
 

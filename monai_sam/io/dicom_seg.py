@@ -31,6 +31,7 @@ import pydicom
 import torch
 import yaml
 
+from monai_sam.demo import DEMO_CONTENT_LABEL, DEMO_TEXT
 from monai_sam.io.dicom_series import DicomSeries, check_series
 
 __all__ = [
@@ -129,6 +130,8 @@ class AlgorithmInfo:
         prompt_source: ``"user"`` (prompt files), ``"automatic"`` (an automatic prompter) or
             ``"oracle"`` (prompts drawn from reference labels).
         parameters: more name=value pairs for AlgorithmParameters (image size, window...).
+        demo: random weights (`monai_sam.demo`): the series description, content label and
+            content description say so.
     """
 
     name: str
@@ -136,6 +139,7 @@ class AlgorithmInfo:
     checkpoint_sha256: str = "random init / demo"
     prompt_source: str = "user"
     parameters: dict[str, str] = dataclasses.field(default_factory=dict)
+    demo: bool = False
 
     @property
     def algorithm_type(self) -> str:
@@ -384,6 +388,9 @@ def write_dicom_seg(
         desc.TrackingUID = pydicom.uid.generate_uid()
         descriptions.append(desc)
     description = series_description or f"{algorithm.name} ({algorithm.prompt_source} prompts)"
+    content = f"{algorithm.prompt_source} prompts"
+    if algorithm.demo:
+        description, content = f"DEMO {description}", f"{DEMO_TEXT} ({content})"
     software = _software_version()
     seg = hd.seg.Segmentation(
         source_images=_source_datasets(source),
@@ -399,8 +406,8 @@ def write_dicom_seg(
         software_versions=f"monai-sam {software}",
         # LO holds 64 characters: exactly a SHA-256 in hex
         device_serial_number=algorithm.checkpoint_sha256[:64],
-        content_description=f"{algorithm.prompt_source} prompts"[:64],
-        content_label="MONAI_SAM",
+        content_description=content[:64],
+        content_label=DEMO_CONTENT_LABEL if algorithm.demo else "MONAI_SAM",
         series_description=description[:64],
         # frames without any segment are left out; an all-empty result keeps them (a SEG needs frames)
         omit_empty_frames=bool(present) or probabilities is not None,

@@ -144,7 +144,7 @@ class Sam2LabelEngine:
             if s.has_auto_prompter:  # built with the network: they share the frozen encoder
                 try:
                     model = load_bundle_model(
-                        s.bundle, checkpoint=s.checkpoint, device=device, need_auto=True
+                        s.bundle, checkpoint=s.checkpoint, device=device, need_auto=True, demo=True
                     )
                 except Exception as err:  # a broken prompter must not take the interactive task down
                     logger.error(
@@ -153,13 +153,17 @@ class Sam2LabelEngine:
                         err,
                     )
             if model is None:
-                model = load_bundle_model(s.bundle, checkpoint=s.checkpoint, device=device, need_auto=False)
+                # the app serves random weights with a warning (DEMO_WARNING) until it refuses them itself
+                model = load_bundle_model(
+                    s.bundle, checkpoint=s.checkpoint, device=device, need_auto=False, demo=True
+                )
             source = f"bundle {s.bundle} (trained parts {stamp[0]})"
         else:
             if s.checkpoint is None:
                 logger.warning(DEMO_WARNING)
             model = load_checkpoint_model(
-                s.checkpoint, s.model_size, s.image_size, s.window, device, "auto", s.encoder_batch_size
+                s.checkpoint, s.model_size, s.image_size, s.window, device, "auto", s.encoder_batch_size,
+                demo=True,
             )
             source = f"official checkpoint {s.checkpoint}" if s.checkpoint else "random init / demo"
         self._auto = None  # rebuilt over the new weights when asked for
