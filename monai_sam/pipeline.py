@@ -553,7 +553,7 @@ def _process(
     fast, and a run whose cases all fail early never loads a model.
     """
     from monai_sam.data.loading import load_volume
-    from monai_sam.io.dicom_seg import AlgorithmInfo, write_dicom_seg
+    from monai_sam.io.dicom_seg import AlgorithmInfo, refuse_without_uids, write_dicom_seg
     from monai_sam.io.dicom_series import check_series, find_series, pick_image_series, select_series
     from monai_sam.segment import segment_volume, write_label
 
@@ -568,6 +568,8 @@ def _process(
     series = None
     if case.kind in ("dicom", "dicomweb"):
         series = check_series(select_series(path, series_uid=series_uid))
+        if dicom_seg:
+            refuse_without_uids(series, output_dir / f"{stem}.dcm")  # before any model is built
         if series.modality.upper() not in modalities:
             raise ValueError(
                 f"{case.source}: modality {series.modality or 'missing'}, but the model segments "

@@ -42,6 +42,7 @@ __all__ = [
     "label_to_frames",
     "frames_to_label",
     "read_dicom_seg",
+    "refuse_without_uids",
     "segment_code",
     "write_dicom_seg",
 ]
@@ -314,6 +315,21 @@ def _atomic_write(ds: pydicom.Dataset, path: Path) -> None:
         raise
 
 
+def refuse_without_uids(source: DicomSeries, path: str | os.PathLike) -> None:
+    """A SEG references its source by Study/Series/SOP Instance UIDs: refuse a series without them.
+
+    Raises:
+        DicomSegError: ``source`` has blank UIDs (a de-identified export), naming them.
+    """
+    if source.missing_uids:
+        raise DicomSegError(
+            f"{path}: cannot write a DICOM-SEG for the series in {source.folder}: a SEG must reference its "
+            f"source images by their UIDs, and this series has {', '.join(source.missing_uids)} blank or "
+            "missing (a de-identified export?). Segment it without --dicom-seg (NIfTI out), or restore the "
+            "UIDs from the original export"
+        )
+
+
 def write_dicom_seg(
     label: torch.Tensor,
     source: DicomSeries,
@@ -349,6 +365,7 @@ def write_dicom_seg(
 
     source = _checked(source)
     path = Path(path)
+    refuse_without_uids(source, path)
     values = [int(v) for v in label_names if int(v) != 0]
     if not values:
         raise DicomSegError(f"{path}: no segment to write (label_names has no non-zero label)")

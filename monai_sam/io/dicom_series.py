@@ -123,6 +123,9 @@ class DicomSeries:
         pixel_spacing: (between rows, between columns) in mm (after checking).
         orientation: ImageOrientationPatient (after checking).
         headers: per-file header summaries, keyed by path (not shown in repr).
+        missing_uids: the UIDs some of its files have blank or absent (StudyInstanceUID,
+            SeriesInstanceUID, SOPInstanceUID), as de-identification leaves them: the series
+            still reads as a volume, but nothing can reference it (no DICOM-SEG).
     """
 
     folder: Path
@@ -137,6 +140,7 @@ class DicomSeries:
     pixel_spacing: tuple[float, float] | None = None
     orientation: tuple[float, ...] | None = None
     headers: dict[Path, SliceHeader] = dataclasses.field(default_factory=dict, repr=False, compare=False)
+    missing_uids: tuple[str, ...] = ()
 
     @property
     def n_files(self) -> int:
@@ -280,9 +284,13 @@ def find_series(
             continue
         ds, header = read
         series_uid = str(ds.get("SeriesInstanceUID", "") or "")
+        blank = tuple(tag for tag in _REFERENCING_UIDS if not str(ds.get(tag, "") or "").strip())
         if not series_uid:
             sop_class = str(getattr(ds, "file_meta", {}).get("MediaStorageSOPClassUID", ""))
-            if getattr(ds, "preamble", None) is not None and sop_class != _MEDIA_STORAGE_DIRECTORY:
+            if header.pixel_data_offset is not None and header.rows and header.columns:
+                # the header was read whole up to its pixel data: de-identified, not cut short
+                logger.debug("%s: blank %s (de-identified?)", path, ", ".join(blank))
+            elif getattr(ds, "preamble", None) is not None and sop_class != _MEDIA_STORAGE_DIRECTORY:
                 # every composite object has a SeriesInstanceUID: this file was cut short
                 message = (
                     f"{path}: DICOM file without SeriesInstanceUID (truncated or corrupt?); "
@@ -292,8 +300,9 @@ def find_series(
                     raise DicomSeriesError(message)
                 unreadable.append((path, message))
                 continue
-            logger.debug("skipping DICOM file without SeriesInstanceUID: %s", path)
-            continue
+            else:
+                logger.debug("skipping DICOM file without SeriesInstanceUID: %s", path)
+                continue
         study_uid = str(ds.get("StudyInstanceUID", "") or "")
         key = (study_uid, series_uid)
         series = groups.get(key)
@@ -309,12 +318,24 @@ def find_series(
             )
         series.files.append(path)
         series.headers[path] = header
+        if blank:
+            series.missing_uids = tuple(u for u in _REFERENCING_UIDS if u in blank or u in series.missing_uids)
     result = list(groups.values())
     for series in result:
         series.files.sort()
+        if series.missing_uids:
+            logger.warning(
+                "DICOM series in %s (%d files): %s blank or missing (a de-identified export?); read as one "
+                "series if its geometry is consistent, but a DICOM-SEG cannot reference it",
+                series.folder, len(series.files), ", ".join(series.missing_uids),
+            )
     result.sort(key=lambda s: (s.study_uid, -1 if s.series_number is None else s.series_number, s.series_uid))
     logger.debug("found %d DICOM series under %s", len(result), root)
     return result
+
+
+#: the UIDs a DICOM-SEG needs to reference its source images
+_REFERENCING_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
 
 
 def _listing(series: Iterable[DicomSeries]) -> str:
