@@ -67,3 +67,28 @@ def test_console_script_and_bad_arguments(tmp_path):
                           str(tmp_path / "none")], capture_output=True, text=True)
     assert bad.returncode != 0 and "cases" in bad.stderr.lower()
     assert not (tmp_path / "none" / "dataset.json").exists()
+
+
+def test_oracle_prompt_files_fit_nifti_and_dicom_alike(phantom_dir):
+    """make-phantoms writes prompts/<case>.json (a box per organ, world mm) for README's segment line."""
+    from monai_sam.io.prompt_file import load_prompt_file
+
+    doc = json.loads((phantom_dir / "prompts" / "phantom_ct_001.json").read_text())
+    assert doc["coordinates"] == "world" and [o["name"] for o in doc["objects"]] == [
+        "liver", "spleen", "kidney_right", "kidney_left", "aorta"]
+    nii = load_volume(phantom_dir / "imagesTr" / "phantom_ct_001.nii.gz")
+    dcm = load_volume(phantom_dir / "dicom" / "phantom_ct_001")
+    label = load_volume(phantom_dir / "labelsTr" / "phantom_ct_001.nii.gz")[0].numpy().round().astype(int)
+    from_nii = load_prompt_file(phantom_dir / "prompts" / "phantom_ct_001.json", nii)
+    from_dcm = load_prompt_file(phantom_dir / "prompts" / "phantom_ct_001.json", dcm)
+    for a, b in zip(from_nii, from_dcm):
+        assert a.key_slices == b.key_slices
+        np.testing.assert_allclose(a.slices[0].box, b.slices[0].box, atol=0.05)
+        k = a.key_slices[0]
+        organ = np.isin(label[..., k], (a.object_id, 6) if a.object_id == 1 else (a.object_id,))
+        assert organ.sum() == np.isin(label, (a.object_id, 6) if a.object_id == 1 else (a.object_id,)).sum(
+            axis=(0, 1)).max(), "the box is on the organ's largest slice"
+        rows, cols = np.nonzero(organ)
+        x0, y0, x1, y1 = a.slices[0].box
+        assert abs(x0 - cols.min()) < 0.6 and abs(x1 - cols.max()) < 0.6
+        assert abs(y0 - rows.min()) < 0.6 and abs(y1 - rows.max()) < 0.6

@@ -1299,6 +1299,37 @@ def save_phantom(phantom: Phantom, image_path: str | Path, label_path: str | Pat
             _save_nifti(array, phantom.affine, path, Path(tmp))
 
 
+#: organs whose reference mask includes other labels (the liver holds its tumours)
+_ORGAN_INCLUDES: dict[str, dict[int, tuple[int, ...]]] = {"ct": {LIVER: (TUMOR,)}, "mr": {LIVER: (TUMOR,)}}
+
+
+def write_oracle_prompts(label_path: str | Path, prompt_path: str | Path, kind: str) -> Path:
+    """One box per organ on its largest axial slice, in world (RAS mm) coordinates: a prompt file.
+
+    Written from the label file as loaded (RAS), so it fits the NIfTI image and its DICOM series
+    alike (``monai-sam segment --prompts``). Tumours are not organs: they lie inside the liver's box.
+    """
+    from monai_sam.data.loading import load_volume
+    from monai_sam.io.prompt_file import write_prompt_file
+    from monai_sam.prompts import ObjectPrompts, SlicePrompt
+    from monai_sam.transforms.prompts import box_from_mask
+
+    label = load_volume(label_path)
+    values = np.rint(label[0].numpy()).astype(np.int32)
+    includes = _ORGAN_INCLUDES.get(kind, {})
+    nested = {v for vs in includes.values() for v in vs}
+    objects = []
+    for value, name in LABEL_NAMES[kind].items():
+        if value == 0 or value in nested:
+            continue
+        mask = np.isin(values, (value, *includes.get(value, ())))
+        if not mask.any():
+            continue
+        k = int(np.argmax(mask.sum(axis=(0, 1))))
+        objects.append(ObjectPrompts(value, name, [SlicePrompt(k, box=box_from_mask(mask[..., k]))]))
+    return write_prompt_file(prompt_path, objects, label, coordinates="world")
+
+
 def write_phantom_dataset(
     kind: str,
     num_cases: int,
@@ -1316,6 +1347,7 @@ def write_phantom_dataset(
         out_dir/imagesTr/phantom_<kind>_000.nii.gz   CT: int16 HU; MR: float32 (arbitrary units)
         out_dir/labelsTr/phantom_<kind>_000.nii.gz   uint8
         out_dir/dicom/phantom_<kind>_000/            only with dicom=True: one DICOM series
+        out_dir/prompts/phantom_<kind>_000.json      oracle prompts: a box per organ (world mm)
         out_dir/dataset.json                         written last
 
     ``<kind>`` is ``ct``, ``mr`` or ``cardiac_mr``; case ``i`` uses seed ``seed + i``. Files are
@@ -1370,6 +1402,7 @@ def write_phantom_dataset(
             stored = _stored_image(phantom)
             _save_nifti(stored, phantom.affine, images_dir / f"{case}.nii.gz", tmp_dir)
             _save_nifti(phantom.label, phantom.affine, labels_dir / f"{case}.nii.gz", tmp_dir)
+            write_oracle_prompts(labels_dir / f"{case}.nii.gz", out_dir / "prompts" / f"{case}.json", kind)
             if write_series is not None:
                 series_dir = out_dir / "dicom" / case
                 if series_dir.exists():
