@@ -361,10 +361,26 @@ def bundle_parser(bundle_dir: str | os.PathLike, need_auto: bool = False):
     return parser
 
 
+def bundle_trained_model(parser, bundle_dir: str | os.PathLike) -> Path:
+    """The bundle's ``trained_model`` file (default ``models/model.pt``); raise if it is missing."""
+    bundle_dir = Path(bundle_dir)
+    trained = Path(parser.get_parsed_content("trained_model")) if parser.get("trained_model") else None
+    trained = trained or bundle_dir / "models" / "model.pt"
+    if not trained.is_file():
+        raise PipelineError(
+            f"bundle {bundle_dir} has no trained weights at {trained}: train it first "
+            f"(python -m monai.bundle run training --config_file {bundle_dir / 'configs' / 'train.yaml'}) "
+            "or copy its model.pt there"
+        )
+    return trained
+
+
 def require_bundle_weights(parser, bundle_dir: str | os.PathLike, demo: bool) -> bool:
-    """True if the bundle's frozen encoder has no checkpoint (a demo); raise unless ``demo``."""
+    """Raise if the bundle has no trained weights, or (unless ``demo``) its frozen encoder has
+    no checkpoint; True for a demo. Trained weights first: ``--demo`` cannot stand in for them."""
     from monai_sam.demo import require_weights
 
+    bundle_trained_model(parser, bundle_dir)
     base = parser.get_parsed_content("checkpoint") if parser.get("checkpoint") else None
     return require_weights(base, demo, f"bundle {bundle_dir}")
 
@@ -397,20 +413,12 @@ def load_bundle_model(
     from monai_sam.engines import CheckpointMismatchError
 
     bundle_dir = Path(bundle_dir)
-    configs = bundle_dir / "configs"
     parser = bundle_parser(bundle_dir, need_auto=need_auto)
     if checkpoint is not None:
         parser["checkpoint"] = str(checkpoint)
     is_demo = require_bundle_weights(parser, bundle_dir, demo)
     parser["device"] = f"$torch.device('{torch.device(device)}')"
-    trained = Path(parser.get_parsed_content("trained_model")) if parser.get("trained_model") else None
-    trained = trained or bundle_dir / "models" / "model.pt"
-    if not trained.is_file():
-        raise PipelineError(
-            f"bundle {bundle_dir} has no trained weights at {trained}: train it first "
-            f"(python -m monai.bundle run training --config_file {configs / 'train.yaml'}) or copy its "
-            "model.pt there"
-        )
+    trained = bundle_trained_model(parser, bundle_dir)
     if parser.get("seed") is not None:
         # the bundle's workflows seed before building: a random-init (demo) encoder is then the
         # same one the trained parts were stamped with

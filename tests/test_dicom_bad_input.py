@@ -25,7 +25,15 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-from helpers_dicom_pipeline import CT_BUNDLE, REPO, SHAPE, free_port, phantom_series, segment_args
+from helpers_dicom_pipeline import (
+    REPO,
+    SHAPE,
+    base_checkpoint,
+    free_port,
+    phantom_series,
+    segment_args,
+    tiny_bundle,
+)
 from pydicom.uid import generate_uid
 
 from monai_sam.cli import main
@@ -182,12 +190,12 @@ def bad_run(tmp_path_factory):
     # a NIfTI beside them cannot get a DICOM-SEG
     nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.int16), np.eye(4)), archive / "volume.nii.gz")
     (root / "prompts").mkdir()  # only prompt_file_missing gets that far, and finds none
-    bundle = root / "bundle"  # the CT bundle's configs, no trained weights
-    shutil.copytree(CT_BUNDLE / "configs", bundle / "configs")
+    ckpt = base_checkpoint(root / "sam2.1_hiera_tiny_128.pt")  # real weights: cases fail on input only
+    bundle = tiny_bundle(root / "bundle", ckpt)
     out = root / "out"
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(config, "pixel_data_handlers", [numpy_handler, rle_handler])
-        rc = main(segment_args(archive, root / "prompts", out, bundle))
+        rc = main(segment_args(archive, root / "prompts", out, bundle, ckpt))
     summary = json.loads((out / "summary.json").read_text())
     errors = {e["case"]: e for e in summary["cases"]}
     return rc, out, folders, errors
@@ -317,6 +325,7 @@ def test_empty_input_folder(tmp_path, caplog):
                 str(tmp_path),
                 "--output",
                 str(tmp_path / "out"),
+                "--demo",
             ]
         )
     assert rc == 2
@@ -339,6 +348,7 @@ def test_dicomweb_server_down(tmp_path):
             str(out),
             "--dicomweb-attempts",
             "2",
+            "--demo",
         ]
     )
     assert rc == 2
@@ -365,6 +375,7 @@ def test_output_folder_without_write_permission(tmp_path):
         str(tmp_path),
         "--output",
         str(readonly / "out"),
+        "--demo",
     ]
     if os.geteuid() == 0:  # root writes anywhere: drop the capabilities that allow it
         setpriv = shutil.which("setpriv")

@@ -385,7 +385,7 @@ def test_write_phantom_dataset(tmp_path):
         "label": "./labelsTr/phantom_ct_000.nii.gz",
     }
     # nothing but the dataset is left behind (temporary files are renamed or removed)
-    assert sorted(p.name for p in out.iterdir()) == ["dataset.json", "imagesTr", "labelsTr"]
+    assert sorted(p.name for p in out.iterdir()) == ["dataset.json", "imagesTr", "labelsTr", "prompts"]
     assert sorted(p.name for p in (out / "imagesTr").iterdir()) == [
         "phantom_ct_000.nii.gz",
         "phantom_ct_001.nii.gz",

@@ -321,6 +321,8 @@ def test_one_prompt_file_for_many_cases_is_refused(archive, models, tmp_path, ca
                 str(root / "in"),
                 "--bundle",
                 str(models[1]),
+                "--checkpoint",
+                str(models[0]),
                 "--prompts",
                 str(root / "prompts" / "patient1_ct.json"),
                 "--output",
