@@ -4,8 +4,11 @@ A *case* is one volume: a NIfTI file, the usable series of one DICOM study found
 folder tree, or a study pulled from a PACS through DICOMweb. For each case the pipeline
 loads it, gets its prompts (a prompt file, or a bundle's automatic prompter), runs
 `monai_sam.segment.segment_volume`, and writes ``<case>_seg.nii.gz`` (plus ``<case>_seg.dcm``,
-a DICOM-SEG referencing the source series, with ``dicom_seg=True``) and ``<case>_seg.json``
-(what was done, with which model, prompts and source) last.
+a DICOM-SEG referencing the source series, with ``dicom_seg=True``), the per-case figures
+(``<case>_seg_statistics.csv``: volume, slice range and mean intensity per object;
+``<case>_seg_slice_scores.csv``: SAM2's object score and predicted IoU per slice;
+``<case>_seg_preview.png``) and ``<case>_seg.json`` (what was done, with which model, prompts
+and source, and the same figures) last.
 
 Why it is built this way:
 
@@ -37,6 +40,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from monai_sam.demo import DEMO_TEXT
@@ -563,6 +567,7 @@ def _process(
     from monai_sam.data.loading import load_volume
     from monai_sam.io.dicom_seg import AlgorithmInfo, refuse_without_uids, write_dicom_seg
     from monai_sam.io.dicom_series import check_series, find_series, pick_image_series, select_series
+    from monai_sam.inferers import SliceScores
     from monai_sam.segment import segment_volume, write_label
 
     if case.error:
@@ -593,7 +598,10 @@ def _process(
     model = get_model()
     if auto:
         objects, source = _prompts_for(case, prompts, auto, model, volume)
-    label = segment_volume(volume, objects, network=model.network, window=model.window, progress=progress)
+    scores = SliceScores()
+    label = segment_volume(
+        volume, objects, network=model.network, window=model.window, progress=progress, slice_scores=scores
+    )
     names = _segment_names(objects, model)
     description = DEMO_TEXT if model.demo else f"monai-sam {model.name} ({source} prompts)"
     outputs = [write_label(label, staging / f"{stem}.nii.gz", description=description).name]
@@ -617,6 +625,8 @@ def _process(
         elif case.kind == "dicomweb" and store:
             dicomweb.store(staging / f"{stem}.dcm")
             seg_info["stored_to"] = dicomweb.url
+    statistics, figures = _case_figures(label, volume, names, scores, model, staging, stem)
+    outputs += figures
     found = sorted(int(v) for v in torch.unique(label).tolist() if v != 0)
     return {
         "format": RECORD_FORMAT,
@@ -634,7 +644,45 @@ def _process(
         "checkpoint_sha256": model.checkpoint_sha256,
         "outputs": outputs,
         **seg_info,
+        "statistics": statistics,
     }
+
+
+def _case_figures(
+    label, volume, names: dict[int, str], scores, model: SegmentationModel, staging: Path, stem: str
+) -> tuple[dict, list[str]]:
+    """Per-object figures (record + CSVs) and a preview PNG of one case, on its RAS grid.
+
+    Returns the statistics and the names of the files written into ``staging``.
+    """
+    from monai.transforms import Orientation
+
+    from monai_sam.evaluation.case_statistics import (
+        case_statistics,
+        write_slice_scores_csv,
+        write_statistics_csv,
+    )
+    from monai_sam.evaluation.overlays import save_preview
+    from monai_sam.segment import intensity_transform
+
+    ras = Orientation(axcodes="RAS")(label)  # back on the volume's grid: slices = SAM2's frames
+    if not np.allclose(np.asarray(ras.affine), np.asarray(volume.affine), atol=1e-3):
+        raise RuntimeError(f"{volume.meta.get('filename_or_obj')}: the label is not on the volume's grid")
+    ras_label = np.asarray(ras[0])
+    image = np.asarray(volume[0], dtype=np.float32)
+    modality = str(volume.meta.get("modality", "")).upper()
+    is_ct = modality == "CT" or (modality != "MR" and float(image.min()) < -200.0)
+    stats = case_statistics(
+        ras_label, image, np.asarray(volume.affine), names, scores, "HU" if is_ct else "signal"
+    )
+    write_statistics_csv(stats, staging / f"{stem}_statistics.csv")
+    write_slice_scores_csv(stats, staging / f"{stem}_slice_scores.csv")
+    scale = intensity_transform(model.window, volume)
+    shown = np.asarray(scale(volume)[0] if scale is not None else image, dtype=np.float32)
+    title = f"{stem} ({DEMO_TEXT})" if model.demo else stem
+    spacing = [float(v) for v in np.asarray(volume.meta["spacing"]).reshape(-1)[:3]]
+    save_preview(shown, ras_label, staging / f"{stem}_preview.png", names, spacing, (0.0, 1.0), title)
+    return stats, [f"{stem}_statistics.csv", f"{stem}_slice_scores.csv", f"{stem}_preview.png"]
 
 
 def _commit(staging: Path, output_dir: Path, record: dict, stem: str) -> None:

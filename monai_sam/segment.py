@@ -125,6 +125,7 @@ def segment_volume(
     network: Any | None = None,
     progress: bool = False,
     demo: bool = False,
+    slice_scores: Any | None = None,
 ) -> MetaTensor:
     """Segment objects in a CT/MR volume from prompts on one or more key slices.
 
@@ -145,6 +146,8 @@ def segment_volume(
             are not used).
         progress: tqdm bars over slices.
         demo: allow random weights (no ``checkpoint`` and no ``network``).
+        slice_scores: a `monai_sam.inferers.SliceScores` to fill with SAM2's object score and
+            predicted IoU per object and axial slice of the RAS volume.
 
     Returns:
         The label map ``(1, X, Y, Z)`` (object ids, 0 background) as a MetaTensor in the input
@@ -173,7 +176,7 @@ def segment_volume(
     scaled = scale(volume) if scale is not None else volume
     scaled = scaled.as_tensor() if isinstance(scaled, MetaTensor) else torch.as_tensor(scaled)
     inferer = MemoryPropagationInferer(preprocess=SamInput(network.image_size), progress=progress)
-    label = inferer(scaled.float(), network, objects)
+    label = inferer(scaled.float(), network, objects, slice_scores=slice_scores)
     out = to_input_geometry(label, volume)
     found = sorted(int(v) for v in torch.unique(out).tolist() if v != 0)
     logger.info("segmented %d object(s); present in the output: %s", len(objects), found)

@@ -131,13 +131,54 @@ def test_dicom_seg_is_valid_and_overlays_the_source_series(first_run, archive):
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == series.series_uid  # the CT, not the localizer
 
 
+def test_record_and_csvs_give_per_object_figures(first_run, archive):
+    """Volume, slice range and mean HU of the liver, from the written label and the source CT;
+    SAM2's score for every slice; a preview picture."""
+    import csv
+
+    from PIL import Image
+
+    _, out, _ = first_run
+    root, _ = archive
+    record = json.loads((out / "patient2_ct_seg.json").read_text())
+    (liver,) = record["statistics"]["objects"]
+    volume = load_volume(root / "in" / "patient2" / "ct")  # RAS, HU
+    label = load_volume(out / "patient2_ct_seg.nii.gz")
+    mask = label[0].numpy() == 1
+    assert mask.any()
+    spacing = np.abs(np.linalg.det(volume.affine.numpy()[:3, :3]))
+    assert liver["name"] == "liver" and liver["voxels"] == int(mask.sum())
+    assert liver["volume_ml"] == pytest.approx(mask.sum() * spacing / 1000, rel=1e-3)
+    present = np.flatnonzero(mask.any(axis=(0, 1)))
+    assert (liver["first_slice"], liver["last_slice"]) == (present[0], present[-1])
+    assert liver["mean_intensity"] == pytest.approx(float(volume[0].numpy()[mask].mean()), abs=0.01)
+    assert liver["intensity_unit"] == "HU"
+    scored = {s["slice"]: s for s in liver["slices"]}
+    assert sorted(scored) == list(range(volume.shape[-1])), "every slice has SAM2's score"
+    assert all(s["object_score"] > 0 for k, s in scored.items() if s["voxels"] > 0)
+    assert liver["check_slices"] == [k for k, s in scored.items() if s["check"]]
+    with open(out / "patient2_ct_seg_statistics.csv") as fp:
+        (row,) = csv.DictReader(fp)
+    assert int(row["voxels"]) == liver["voxels"] and row["intensity_unit"] == "HU"
+    with open(out / "patient2_ct_seg_slice_scores.csv") as fp:
+        assert len(list(csv.DictReader(fp))) == volume.shape[-1]
+    with Image.open(out / "patient2_ct_seg_preview.png") as png:
+        assert png.format == "PNG"
+
+
 def test_record_names_model_weights_and_prompts(first_run, models):
     _, out, _ = first_run
     ckpt, bundle = models
     record = json.loads((out / "patient2_ct_seg.json").read_text())
     model_sha = hashlib.sha256((bundle / "models" / "model.pt").read_bytes()).hexdigest()
     assert record["status"] == "done" and record["prompts"] == "user"
-    assert record["outputs"] == ["patient2_ct_seg.nii.gz", "patient2_ct_seg.dcm"]
+    assert record["outputs"] == [
+        "patient2_ct_seg.nii.gz",
+        "patient2_ct_seg.dcm",
+        "patient2_ct_seg_statistics.csv",
+        "patient2_ct_seg_slice_scores.csv",
+        "patient2_ct_seg_preview.png",
+    ]
     assert record["checkpoint_sha256"] == model_sha and record["model"] == "bundle"
     assert (
         record["model_version"]
@@ -245,6 +286,9 @@ def test_auto_prompts_are_marked_as_automatic(archive, models, tmp_path):
         "ct_seg_auto_prompts.dcm",
         "ct_seg_auto_prompts.json",
         "ct_seg_auto_prompts.nii.gz",
+        "ct_seg_auto_prompts_preview.png",
+        "ct_seg_auto_prompts_slice_scores.csv",
+        "ct_seg_auto_prompts_statistics.csv",
         "summary.json",
     ]
     record = json.loads((out / "ct_seg_auto_prompts.json").read_text())

@@ -34,7 +34,7 @@ from monai_sam.networks.sam2_volume import (
 )
 from monai_sam.prompts import ObjectPrompts
 
-__all__ = ["LabelAccumulator", "MemoryPropagationInferer", "logits_to_label", "propagate_to_label"]
+__all__ = ["LabelAccumulator", "MemoryPropagationInferer", "SliceScores", "logits_to_label", "propagate_to_label"]
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +98,33 @@ class LabelAccumulator:
         return self.winner.float()
 
 
+class SliceScores:
+    """SAM2's own confidence per object and slice, collected during propagation.
+
+    Give one to `MemoryPropagationInferer` (``slice_scores=``) or `segment_volume`: each
+    propagated slice adds, per object, the object score logit (> 0: SAM2 sees the object on the
+    slice; <= 0: absent, and its mask there is empty) and the mask decoder's predicted IoU.
+    Slices a propagation never reached have no entry.
+    """
+
+    def __init__(self) -> None:
+        self.values: dict[int, dict[int, tuple[float, float]]] = {}
+
+    def add(self, object_ids: Sequence[int], slice_index: int, object_scores: Tensor, ious: Tensor) -> None:
+        """Record one slice for ``object_ids`` (a repeated slice overwrites: same values)."""
+        for oid, score, iou in zip(object_ids, object_scores.tolist(), ious.tolist()):
+            self.values.setdefault(int(oid), {})[int(slice_index)] = (float(score), float(iou))
+
+    def for_object(self, object_id: int) -> dict[int, tuple[float, float]]:
+        """``{slice: (object_score_logit, predicted_iou)}`` for one object, by slice."""
+        return dict(sorted(self.values.get(int(object_id), {}).items()))
+
+    def sink(self, prompts: Sequence[ObjectPrompts]):
+        """The network's `ScoreSink` for these prompts: prompt rows -> object ids."""
+        ids = [int(p.object_id) for p in prompts]
+        return lambda rows, k, scores, ious: self.add([ids[r] for r in rows], k, scores, ious)
+
+
 def propagate_to_label(
     seg: Sam2VolumeSegmenter,
     frames: Any,
@@ -137,6 +164,9 @@ class MemoryPropagationInferer(Inferer):
             never changes in that rounding, and ties between objects closer than ~0.1% are
             decided either way). Without ``return_probabilities`` only the best logit per voxel
             is kept (`LabelAccumulator`); with it, every object's logits in this dtype.
+
+    ``slice_scores=`` (a `SliceScores`) in the call collects SAM2's object score and predicted
+    IoU per object and slice.
 
     Call: ``inferer(inputs, network, prompts)`` with ``inputs`` ``(C, H, W, T)`` or
     ``(1, C, H, W, T)``, ``network`` a `Sam2VolumeSegmenter` (a bare ``SAM2Base`` is wrapped with
@@ -180,6 +210,7 @@ class MemoryPropagationInferer(Inferer):
         prompts: Sequence[ObjectPrompts] | ObjectPrompts | None = None,
         *args: Any,
         original_size: tuple[int, int] | None = None,
+        slice_scores: SliceScores | None = None,
         **kwargs: Any,
     ) -> Tensor | tuple[Tensor, Tensor]:
         if prompts is None:
@@ -214,6 +245,8 @@ class MemoryPropagationInferer(Inferer):
             out_size = tuple(int(v) for v in plain.shape[1:3])
 
         run = dict(original_size=original, output_size=out_size, direction=self.direction, progress=self.progress)
+        if slice_scores is not None:
+            run["scores"] = slice_scores.sink(prompts)
         if self.return_probabilities:  # every object's logits are needed: collect them all
             logits = seg.propagate(source, list(prompts), output_dtype=self.logits_dtype, **run)
             logits = logits.permute(0, 2, 3, 1)  # (N, H, W, T): channel-first like the image

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from monai_sam.networks.host_memory import trim_host_memory
 from monai_sam.prompts import ObjectPrompts, PromptError, SlicePrompt, validate_prompts
 
-__all__ = ["NO_OBJ_SCORE", "SliceSink", "FrameSource", "TensorFrames", "VolumeFrames", "Sam2VolumeSegmenter"]
+__all__ = ["NO_OBJ_SCORE", "SliceSink", "ScoreSink", "FrameSource", "TensorFrames", "VolumeFrames", "Sam2VolumeSegmenter"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +50,12 @@ Direction = Literal["both", "forward", "backward"]
 
 #: ``sink(rows, slice_index, logits)``: one slice's logits ``(len(rows), H, W)`` for the objects at ``rows``
 SliceSink = Callable[[list[int], int, Tensor], None]
+
+#: ``scores(rows, slice_index, object_score_logits, iou_predictions)``: SAM2's confidence on one
+#: slice for the objects at ``rows``, two float32 CPU tensors ``(len(rows),)``. The object score
+#: logit says whether the object is on the slice (<= 0: absent, its mask is then empty); the
+#: predicted IoU is the mask decoder's estimate of its mask's quality.
+ScoreSink = Callable[[list[int], int, Tensor, Tensor], None]
 
 
 @runtime_checkable
@@ -482,6 +488,7 @@ class Sam2VolumeSegmenter(nn.Module):
         progress,
         output_dtype=torch.float32,
         sink: SliceSink | None = None,
+        scores_sink: ScoreSink | None = None,
     ) -> tuple[Any, Any]:
         if direction not in ("both", "forward", "backward"):
             raise ValueError(f"direction must be 'both', 'forward' or 'backward', got {direction!r}")
@@ -519,6 +526,13 @@ class Sam2VolumeSegmenter(nn.Module):
                 scores[(id(cohort), f)] = out["object_score_logits"]
                 ious[(id(cohort), f)] = out["iou_pred"]
                 return
+            if scores_sink is not None:
+                scores_sink(
+                    cohort.rows,
+                    f,
+                    out["object_score_logits"].detach().float().reshape(-1).cpu(),
+                    out["iou_pred"].detach().float().reshape(-1).cpu(),
+                )
             if sink is not None:
                 if (id(cohort), f) in delivered:
                     return
@@ -689,6 +703,7 @@ class Sam2VolumeSegmenter(nn.Module):
         progress: bool = False,
         output_dtype: torch.dtype = torch.float32,
         sink: SliceSink | None = None,
+        scores: ScoreSink | None = None,
     ) -> Tensor | None:
         """Inference: logits ``(N_objects, T, H, W)`` for every object on every slice.
 
@@ -715,6 +730,9 @@ class Sam2VolumeSegmenter(nn.Module):
                 delivered once; slices a pass does not reach are not delivered. A consumer that
                 keeps only what it needs (e.g. `monai_sam.inferers.LabelAccumulator`'s running
                 argmax) never holds the per-object logits of the whole volume.
+            scores: also hand each slice's object score logits and predicted IoUs to
+                ``scores(rows, slice_index, object_scores, ious)`` (`ScoreSink`); a key slice
+                may be delivered once per pass, with the same values.
         Raises:
             PromptError: a prompt that does not fit the volume (outside, out of range, empty...).
         """
@@ -735,6 +753,7 @@ class Sam2VolumeSegmenter(nn.Module):
                 progress=progress,
                 output_dtype=output_dtype,
                 sink=sink,
+                scores_sink=scores,
             )
         finally:
             self.model.train(was_training)
