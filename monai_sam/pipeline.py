@@ -664,24 +664,25 @@ def _case_figures(
     )
     from monai_sam.evaluation.overlays import save_preview
     from monai_sam.segment import intensity_transform
+    from monai_sam.transforms import CTWindow
 
     ras = Orientation(axcodes="RAS")(label)  # back on the volume's grid: slices = SAM2's frames
     if not np.allclose(np.asarray(ras.affine), np.asarray(volume.affine), atol=1e-3):
         raise RuntimeError(f"{volume.meta.get('filename_or_obj')}: the label is not on the volume's grid")
     ras_label = np.asarray(ras[0])
     image = np.asarray(volume[0], dtype=np.float32)
-    modality = str(volume.meta.get("modality", "")).upper()
-    is_ct = modality == "CT" or (modality != "MR" and float(image.min()) < -200.0)
+    # the intensity step SAM2 was fed (built, not applied again): a CT window means HU, and the
+    # preview shows that same window; otherwise (MR) the preview's percentiles
+    scale = intensity_transform(model.window, volume)
+    window = (scale.hu_min, scale.hu_max) if isinstance(scale, CTWindow) else None
     stats = case_statistics(
-        ras_label, image, np.asarray(volume.affine), names, scores, "HU" if is_ct else "signal"
+        ras_label, image, np.asarray(volume.affine), names, scores, "HU" if window else "signal"
     )
     write_statistics_csv(stats, staging / f"{stem}_statistics.csv")
     write_slice_scores_csv(stats, staging / f"{stem}_slice_scores.csv")
-    scale = intensity_transform(model.window, volume)
-    shown = np.asarray(scale(volume)[0] if scale is not None else image, dtype=np.float32)
     title = f"{stem} ({DEMO_TEXT})" if model.demo else stem
     spacing = [float(v) for v in np.asarray(volume.meta["spacing"]).reshape(-1)[:3]]
-    save_preview(shown, ras_label, staging / f"{stem}_preview.png", names, spacing, (0.0, 1.0), title)
+    save_preview(image, ras_label, staging / f"{stem}_preview.png", names, spacing, window, title)
     return stats, [f"{stem}_statistics.csv", f"{stem}_slice_scores.csv", f"{stem}_preview.png"]
 
 
