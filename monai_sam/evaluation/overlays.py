@@ -70,14 +70,7 @@ def save_overlay(
         ax.set_title(f"slice {k}")
         ax.axis("off")
     axes[0][0].legend(loc="lower left", fontsize=7, framealpha=0.6)
-    fig.suptitle((title + "  " if title else "") + "truth: solid, prediction: dashed", fontsize=9)
-    fig.tight_layout()
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=80)
-    finally:
-        plt.close(fig)
-    return Path(path)
+    return _save_figure(fig, path, (title + "  " if title else "") + "truth: solid, prediction: dashed")
 
 
 def save_preview(
@@ -130,14 +123,7 @@ def save_preview(
         axes[0][0].plot([], [], color=tab(i % 10), linewidth=6, label=label_names[oid])
     if ids:
         axes[0][0].legend(loc="lower left", fontsize=7, framealpha=0.6)
-    fig.suptitle((title + "  " if title else "") + "patient's right on the left", fontsize=9)
-    fig.tight_layout()
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=80)
-    finally:
-        plt.close(fig)
-    return Path(path)
+    return _save_figure(fig, path, (title + "  " if title else "") + "patient's right on the left")
 
 
 def radiological_view(image: np.ndarray, label: np.ndarray, plane: str, index: int) -> tuple[np.ndarray, np.ndarray]:
@@ -152,6 +138,20 @@ def radiological_view(image: np.ndarray, label: np.ndarray, plane: str, index: i
         # (X, Z) -> rows Z from superior down, columns X from the patient's right
         return image[::-1, index, ::-1].T, label[::-1, index, ::-1].T
     raise ValueError(f"plane must be 'axial' or 'coronal', got {plane!r}")
+
+
+def _save_figure(fig, path: str | os.PathLike, title: str) -> Path:
+    """Title, lay out, write atomically and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=80)
+    finally:
+        plt.close(fig)
+    return Path(path)
 
 
 def _radiological(ras_slice: np.ndarray) -> np.ndarray:
