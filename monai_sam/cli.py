@@ -184,16 +184,14 @@ def _bundle_modalities(bundle: Path | None) -> tuple[str, ...]:
 
 def _run_segment(args: argparse.Namespace) -> int:
     from monai_sam.demo import DemoWeightsError, require_weights
-    from monai_sam.pipeline import (
-        PipelineError,
+    from monai_sam.bundle import (
+        BundleError,
         bundle_parser,
         load_bundle_model,
-        require_bundle_weights,
         load_checkpoint_model,
-        rank_and_world,
-        resolve_device,
-        run_pipeline,
+        require_bundle_weights,
     )
+    from monai_sam.pipeline import PipelineError, rank_and_world, resolve_device, run_pipeline
 
     # highdicom's INFO lines (one per copied module) would drown the per-case log
     logging.getLogger("highdicom").setLevel(logging.WARNING)
@@ -241,7 +239,7 @@ def _run_segment(args: argparse.Namespace) -> int:
             overwrite=args.overwrite, dicomweb=dicomweb, store=not args.no_store, min_slices=args.min_slices,
             modalities=modalities, rank=rank, world_size=world, store_demo=args.store_demo,
         )
-    except (PipelineError, DemoWeightsError, FileNotFoundError, ValueError) as err:
+    except (PipelineError, BundleError, DemoWeightsError, FileNotFoundError, ValueError) as err:
         logger.error("segment: %s", err)  # the message names the file, study or bundle and what is wrong
         return 2
     return 2 if summary["counts"]["failed"] else 0

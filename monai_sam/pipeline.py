@@ -43,18 +43,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from monai_sam.bundle import SegmentationModel
 from monai_sam.demo import DEMO_TEXT
 
 __all__ = [
     "Case",
     "PipelineError",
-    "SegmentationModel",
     "discover_cases",
-    "bundle_parser",
-    "load_bundle_model",
-    "load_checkpoint_model",
     "rank_and_world",
-    "require_bundle_weights",
     "resolve_device",
     "run_pipeline",
     "output_stem",
@@ -92,22 +88,6 @@ class Case:
     series_uid: str | None = None
     study_uid: str | None = None
     error: str | None = None
-
-
-@dataclasses.dataclass
-class SegmentationModel:
-    """What a case needs from a model: the network and how to feed it and name its output."""
-
-    network: Any  # Sam2VolumeSegmenter
-    window: str | None
-    label_names: dict[int, str]
-    name: str
-    version: str
-    checkpoint_sha256: str
-    modalities: tuple[str, ...] = ("CT", "MR")
-    auto_prompter: Callable | None = None
-    parameters: dict[str, str] = dataclasses.field(default_factory=dict)
-    demo: bool = False  # random weights (`monai_sam.demo`): every output says so
 
 
 # ----------------------------------------------------------------------------- ranks
@@ -287,199 +267,13 @@ def dicomweb_cases(url: str, study_uids: Sequence[str]) -> list[Case]:
     ]
 
 
-# ----------------------------------------------------------------------------- models
-
-
-def _sha256_or(path: str | os.PathLike | None) -> str:
-    from monai_sam.io.dicom_seg import file_sha256
-
-    return file_sha256(path) if path else "random init / demo"
-
-
-def load_checkpoint_model(
-    checkpoint: str | os.PathLike | None,
-    model_size: str = "sam2.1_hiera_t",
-    image_size: int = 1024,
-    window: str | None = "auto",
-    device: str | torch.device = "cpu",
-    precision: str = "auto",
-    encoder_batch_size: int = 8,
-    demo: bool = False,
-) -> SegmentationModel:
-    """An official SAM2 checkpoint used as is, without a bundle.
-
-    Without ``checkpoint`` the weights are random: refused unless ``demo`` (`monai_sam.demo`).
-    """
-    from monai_sam.demo import require_weights
-    from monai_sam.networks import Sam2VolumeSegmenter, build_sam2_model
-    from monai_sam.segment import _autocast_dtype
-
-    is_demo = require_weights(checkpoint, demo, "monai-sam segment")
-    dev = torch.device(device)
-    model = build_sam2_model(model_size, checkpoint, image_size=image_size, device=dev)
-    network = Sam2VolumeSegmenter(
-        model, encoder_batch_size=encoder_batch_size, autocast_dtype=_autocast_dtype(precision, dev)
-    )
-    network.eval()
-    return SegmentationModel(
-        network=network,
-        window=window,
-        label_names={},
-        name=str(model_size),
-        version="official" if checkpoint else "random init / demo",
-        checkpoint_sha256=_sha256_or(checkpoint),
-        parameters={"image_size": str(image_size), "window": str(window)},
-        demo=is_demo,
-    )
-
-
-def bundle_parser(bundle_dir: str | os.PathLike, need_auto: bool = False):
-    """A ``ConfigParser`` over the bundle's train.yaml (if any) and inference.yaml, rooted at ``bundle_dir``.
-
-    Raises:
-        PipelineError: no inference.yaml, a key the pipeline needs is missing, or ``need_auto``
-            and no ``auto_prompter`` (checked without building anything).
-    """
-    from monai.bundle import ConfigParser
-
-    bundle_dir = Path(bundle_dir)
-    configs = bundle_dir / "configs"
-    if not (configs / "inference.yaml").is_file():
-        raise PipelineError(f"bundle {bundle_dir}: no configs/inference.yaml (is it a MONAI bundle folder?)")
-    files = [f for f in (configs / "train.yaml", configs / "inference.yaml") if f.is_file()]
-    parser = ConfigParser()
-    parser.read_config([str(f) for f in files])
-    if (configs / "metadata.json").is_file():
-        parser.read_meta(str(configs / "metadata.json"))
-    parser["bundle_root"] = str(bundle_dir)
-    for key in ("network", "trainable_checkpoint", "image_size"):
-        if parser.get(key) is None:
-            raise PipelineError(
-                f"bundle {bundle_dir}: its configs ({', '.join(f.name for f in files)}) define no '{key}'"
-            )
-    if need_auto and parser.get("auto_prompter") is None:
-        raise PipelineError(
-            f"bundle {bundle_dir} has no automatic mode: its inference.yaml defines no 'auto_prompter' "
-            "(use --prompts with prompt files instead)"
-        )
-    return parser
-
-
-def bundle_trained_model(parser, bundle_dir: str | os.PathLike) -> Path:
-    """The bundle's ``trained_model`` file (default ``models/model.pt``); raise if it is missing."""
-    bundle_dir = Path(bundle_dir)
-    trained = Path(parser.get_parsed_content("trained_model")) if parser.get("trained_model") else None
-    trained = trained or bundle_dir / "models" / "model.pt"
-    if not trained.is_file():
-        raise PipelineError(
-            f"bundle {bundle_dir} has no trained weights at {trained}: train it first "
-            f"(python -m monai.bundle run training --config_file {bundle_dir / 'configs' / 'train.yaml'}) "
-            "or copy its model.pt there"
-        )
-    return trained
-
-
-def require_bundle_weights(parser, bundle_dir: str | os.PathLike, demo: bool) -> bool:
-    """Raise if the bundle has no trained weights, or (unless ``demo``) its frozen encoder has
-    no checkpoint; True for a demo. Trained weights first: ``--demo`` cannot stand in for them."""
-    from monai_sam.demo import require_weights
-
-    bundle_trained_model(parser, bundle_dir)
-    base = parser.get_parsed_content("checkpoint") if parser.get("checkpoint") else None
-    return require_weights(base, demo, f"bundle {bundle_dir}")
-
-
-def load_bundle_model(
-    bundle_dir: str | os.PathLike,
-    checkpoint: str | os.PathLike | None = None,
-    device: str | torch.device = "cpu",
-    need_auto: bool = False,
-    demo: bool = False,
-) -> SegmentationModel:
-    """The trained network of a bundle, parsed from its configs (no ``monai.bundle run``).
-
-    Reads ``configs/train.yaml`` (if present) and ``configs/inference.yaml`` with
-    ``bundle_root`` set to ``bundle_dir``; takes ``network``, ``trainable_checkpoint`` (loaded
-    from ``trained_model``, by default ``models/model.pt``), ``image_size``, ``window``,
-    ``label_names``, and ``auto_prompter`` when present. ``checkpoint`` overrides the bundle's
-    ``checkpoint`` (the official weights of the frozen encoder the bundle was trained on).
-
-    A bundle without trained weights is an error: a user who names a bundle expects its
-    trained model, and the bundle's own inference refuses the same way. A bundle whose frozen
-    encoder has no official checkpoint runs random weights: refused unless ``demo``.
-
-    Raises:
-        PipelineError: missing configs or keys, no trained weights, weights from another
-            encoder, or ``need_auto`` and no ``auto_prompter``; the message names the bundle.
-    """
-    import monai
-
-    from monai_sam.engines import CheckpointMismatchError
-
-    bundle_dir = Path(bundle_dir)
-    parser = bundle_parser(bundle_dir, need_auto=need_auto)
-    if checkpoint is not None:
-        parser["checkpoint"] = str(checkpoint)
-    is_demo = require_bundle_weights(parser, bundle_dir, demo)
-    parser["device"] = f"$torch.device('{torch.device(device)}')"
-    trained = bundle_trained_model(parser, bundle_dir)
-    if parser.get("seed") is not None:
-        # the bundle's workflows seed before building: a random-init (demo) encoder is then the
-        # same one the trained parts were stamped with
-        monai.utils.set_determinism(seed=parser.get_parsed_content("seed"))
-    network = parser.get_parsed_content("network")
-    trainable = parser.get_parsed_content("trainable_checkpoint")
-    state = torch.load(trained, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "model" in state and "weights" not in state:
-        state = state["model"]
-    try:
-        trainable.load_state_dict(state)
-    except CheckpointMismatchError as err:
-        hint = "" if checkpoint else " (pass the base encoder's official weights with --checkpoint)"
-        raise PipelineError(f"bundle {bundle_dir}: {trained}: {err}{hint}") from err
-    network = network.to(torch.device(device))
-    network.eval()
-    base = parser.get_parsed_content("checkpoint") if parser.get("checkpoint") else None
-    meta = parser.get("_meta_") or {}
-    label_names = parser.get_parsed_content("label_names") if parser.get("label_names") is not None else {}
-    window = parser.get_parsed_content("window") if parser.get("window") is not None else "auto"
-    modality = (
-        meta.get("network_data_format", {}).get("inputs", {}).get("image", {}).get("modality")
-        if isinstance(meta, dict)
-        else None
-    )
-    # built only when asked for: an automatic prompter has its own network and weights
-    auto = parser.get_parsed_content("auto_prompter") if need_auto else None
-    logger.info(
-        "bundle %s: trained parts from %s, frozen encoder from %s",
-        bundle_dir,
-        trained,
-        base or "random init / demo",
-    )
-    return SegmentationModel(
-        network=network,
-        window=window,
-        label_names={int(k): str(v) for k, v in dict(label_names).items() if int(k) != 0},
-        name=bundle_dir.resolve().name,
-        version=str(meta.get("version", "unknown")) if isinstance(meta, dict) else "unknown",
-        checkpoint_sha256=_sha256_or(trained),
-        modalities=(str(modality).upper(),) if modality else ("CT", "MR"),
-        auto_prompter=auto,
-        parameters={
-            "image_size": str(parser.get_parsed_content("image_size")),
-            "window": str(window),
-            "base_checkpoint_sha256": _sha256_or(base),
-        },
-        demo=is_demo,
-    )
-
-
 # ----------------------------------------------------------------------------- one case
 
 
-def output_stem(case: Case, auto: bool) -> str:
-    """``<case>_seg`` for prompt files, ``<case>_seg_auto_prompts`` for a bundle's automatic prompts."""
-    return f"{case.name}_seg_auto_prompts" if auto else f"{case.name}_seg"
+def output_stem(case: Case, auto: bool, name: str = "seg") -> str:
+    """``<case>_seg`` for prompt files, ``<case>_seg_auto_prompts`` for a bundle's automatic
+    prompts; another ``name`` for a bundle's further outputs (``<case>_objects``...)."""
+    return f"{case.name}_{name}_auto_prompts" if auto else f"{case.name}_{name}"
 
 
 def _record_path(output_dir: Path, stem: str) -> Path:
@@ -604,13 +398,23 @@ def _process(
     )
     names = _segment_names(objects, model)
     description = DEMO_TEXT if model.demo else f"monai-sam {model.name} ({source} prompts)"
-    outputs = [write_label(label, staging / f"{stem}.nii.gz", description=description).name]
+    # the bundle's own post-processing (e.g. lesion objects -> tumour class); the first map is
+    # the main one, written as <stem>.nii.gz, the others as <case>_<name>[_auto_prompts].nii.gz
+    maps = model.postprocess(label)
+    main_key = next(iter(model.outputs))
+    main = maps[model.outputs[main_key]]
+    # a class map (made by a post-processing step) is named by the model's labels, not the objects
+    main_names = names if main_key == "pred" else {k: v for k, v in model.label_names.items() if k != 0}
+    outputs = []
+    for name, value in maps.items():
+        file = f"{stem if value is main else output_stem(case, auto, name)}.nii.gz"
+        outputs.append(write_label(value, staging / file, description=description).name)
     seg_info: dict[str, Any] = {}
     if dicom_seg:
         algorithm = AlgorithmInfo(
             model.name, model.version, model.checkpoint_sha256, source, model.parameters, demo=model.demo
         )
-        ds = write_dicom_seg(label, series, staging / f"{stem}.dcm", names, algorithm)
+        ds = write_dicom_seg(main, series, staging / f"{stem}.dcm", main_names, algorithm)
         outputs.append(f"{stem}.dcm")
         seg_info = {
             "seg_series_uid": str(ds.SeriesInstanceUID),

@@ -47,7 +47,7 @@ def case(num_tumors: int, shape, spacing) -> tuple[torch.Tensor, np.ndarray, lis
     ph = make_phantom("ct", 0, tuple(shape), tuple(spacing), num_tumors=num_tumors)
     classes = np.select([ph.label == 6, ph.label == 1], [2, 1], 0)
     objects, _ = lesion_instances(classes, 2, spacing)
-    prompts = LesionPromptsd(key_slices="largest", mode_probs={"box": 1.0}, deterministic=True)(
+    prompts = LesionPromptsd(key_slices="largest", mode_probs={"box": 1.0})(
         {"label": objects[None]}
     )["prompts"]
     image = CTWindow("liver")(torch.as_tensor(ph.image[None]))

@@ -48,22 +48,43 @@ def dciodvfy_errors(path: Path) -> list[str]:
     return [line for line in lines if line.startswith("Error")]
 
 
-def base_checkpoint(path: Path) -> Path:
-    """A random-init SAM2.1 hiera-t at 128 px saved in the official format (``{"model": ...}``)."""
+def base_checkpoint(path: Path, seed: int = 1234) -> Path:
+    """A SAM2.1 hiera-t at 128 px saved in the official format (``{"model": ...}``).
+
+    Seeded apart from the bundles' ``seed: 0`` so that its weights differ from the default
+    initialisation: a path that ignored the file would not produce them (`weights_digest`).
+    """
     from monai_sam.networks import build_sam2_model
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = build_sam2_model("sam2.1_hiera_t", image_size=IMAGE_SIZE)
     torch.save({"model": model.state_dict()}, path)
     return path
+
+
+def weights_digest(state: dict, prefix: str = "image_encoder.") -> str:
+    """SHA-256 of the tensors of a state dict under ``prefix`` (names as in the official file)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, value in sorted(state.items()):
+        if name.startswith(prefix):
+            h.update(name.encode())
+            h.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def checkpoint_digest(path: Path, prefix: str = "image_encoder.") -> str:
+    """`weights_digest` of an official checkpoint file."""
+    return weights_digest(torch.load(path, map_location="cpu", weights_only=True)["model"], prefix)
 
 
 def tiny_bundle(root: Path, checkpoint: Path) -> Path:
     """The CT bundle's configs at 128 px with trained parts saved in models/model.pt.
 
     The trained parts are the random-init decoder/memory of ``checkpoint``'s model, saved the
-    way training saves them (`TrainableCheckpoint`, stamped with the frozen encoder's identity),
-    so that loading them exercises the real path.
+    way training saves them (`TrainableCheckpoint`, stamped with the frozen encoder's identity,
+    and the model record beside them), so that loading them exercises the real path.
     """
     from monai.bundle import ConfigParser
 
@@ -84,6 +105,7 @@ def tiny_bundle(root: Path, checkpoint: Path) -> Path:
     state = parser.get_parsed_content("trainable_checkpoint").state_dict()
     (root / "models").mkdir()
     torch.save(state, root / "models" / "model.pt")
+    parser.get_parsed_content("train#model_record")(None)  # models/model_record.json, as training writes it
     return root
 
 

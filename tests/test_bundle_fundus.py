@@ -355,12 +355,13 @@ def test_bundle_trains_on_refuge_converted_from_a_fake_layout(tmp_path):
 def test_synthetic_dataset_loads_with_rows_vertical(tmp_path):
     """The bundle's loading gives (rows, columns) as in the picture: the vCDR of the generator."""
     from monai.bundle import ConfigParser
+    from monai.transforms import Compose
 
     write_fundus_dataset(2, tmp_path / "d", size=96)
     parser = ConfigParser()
     parser.read_config(TRAIN)
     parser.update({"bundle_root": str(tmp_path / "b"), "dataset_dir": str(tmp_path / "d"), "image_size": 64})
-    load = parser.get_parsed_content("load_transforms")
+    load = Compose(parser.get_parsed_content("load_transforms"))  # a flat list: what CacheDataset caches
     entry = json.loads((tmp_path / "d" / "dataset.json").read_text())["training"][1]
     out = load({"image": str(tmp_path / "d" / entry["image"]), "label": str(tmp_path / "d" / entry["label"])})
     assert out["image"].shape == (3, 64, 64) and out["label"].ndim == 3

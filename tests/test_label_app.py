@@ -438,7 +438,7 @@ def test_automatic_task_with_the_ct_bundles_prompt_free_head(tmp_path, studies, 
 
     from monai_sam.data.loading import load_volume
     from monai_sam.label.main import MonaiSamLabelApp
-    from monai_sam.pipeline import load_bundle_model
+    from monai_sam.bundle import load_bundle_model
 
     root, _ = studies
     bundle = _bundle_copy(tmp_path, auto_prompter=KEEP, image_size=S)

@@ -22,6 +22,7 @@ from monai_sam.engines.lesion_handlers import (
 from monai_sam.transforms import (
     LesionInstancesd,
     LesionPromptsd,
+    RandLesionPromptsd,
     MergeLesionsd,
     lesion_instances,
     merge_lesions,
@@ -140,7 +141,7 @@ def test_per_lesion_prompts_on_a_phantom_with_three_lesions_give_three_objects(p
         assert x0 <= jj.min() and jj.max() <= x1 and y0 <= ii.min() and ii.max() <= y1
         assert x0 >= jj.min() - 1 and y0 >= ii.min() - 1  # tight: the box of *this* lesion only
     # training: random prompts, still one object per lesion, each on a slice where it is
-    rand = LesionPromptsd(label_key="label", mode_probs={"box": 0.5, "clicks": 0.5}, box_jitter=1)
+    rand = RandLesionPromptsd(label_key="label", mode_probs={"box": 0.5, "clicks": 0.5}, box_jitter=1)
     rand.set_random_state(0)
     for _ in range(3):
         drawn = rand(d)["prompts"]

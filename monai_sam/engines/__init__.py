@@ -11,6 +11,14 @@ from monai_sam.engines.feature_cache import FeatureCache, encoder_identity, tens
 from monai_sam.engines.handlers import ClassMetricsWriter, ResumeFromLatest
 from monai_sam.engines.image_evaluator import DiscCupMetricsWriter, LabelPngWriter, PromptedImageEvaluator
 from monai_sam.engines.mask_loss import MaskPredictionLoss
+from monai_sam.engines.model_record import (
+    EncoderMismatchError,
+    ModelRecord,
+    ModelRecordWriter,
+    check_encoder,
+    read_model_record,
+    recorded,
+)
 from monai_sam.engines.prompt_free_evaluator import PromptFreeVolumeEvaluator, collate_slices, few_shot_datalist
 from monai_sam.engines.trainer import (
     TRAINABLE_PARTS,
@@ -29,8 +37,11 @@ __all__ = [
     "CheckpointMismatchError",
     "ClassMetricsWriter",
     "DiscCupMetricsWriter",
+    "EncoderMismatchError",
     "LabelPngWriter",
     "MaskPredictionLoss",
+    "ModelRecord",
+    "ModelRecordWriter",
     "PromptedImageEvaluator",
     "FeatureCache",
     "FrozenEncoderNetwork",
@@ -40,6 +51,7 @@ __all__ = [
     "ResumeFromLatest",
     "SequenceSegmentationLoss",
     "TrainableCheckpoint",
+    "check_encoder",
     "collate_as_list",
     "collate_slices",
     "few_shot_datalist",
@@ -48,6 +60,8 @@ __all__ = [
     "freeze_for_training",
     "latest_checkpoint",
     "load_trained_parts",
+    "read_model_record",
+    "recorded",
     "tensor_content_hash",
     "trainable_param_groups",
 ]

@@ -8,7 +8,7 @@ MONAI Label server may run requests in threads); the feature store has its own l
 Weights, in this order (see `LabelModelSettings`):
 
 1. a bundle with trained weights (``<bundle>/models/model.pt``): the bundle's own network with
-   its trained parts over the frozen encoder (`monai_sam.pipeline.load_bundle_model`), reloaded
+   its trained parts over the frozen encoder (`monai_sam.bundle.load_bundle_model`), reloaded
    when training writes a new ``model.pt``;
 2. otherwise an official SAM2 checkpoint (``checkpoint``) used as is;
 3. otherwise random weights: a demo, and every log says so.
@@ -122,7 +122,7 @@ class Sam2LabelEngine:
         self.settings = settings
         self.store = VolumeFeatureStore(settings.cache_bytes, settings.cache_entries, settings.cache_age_s)
         self._model_lock = threading.RLock()
-        self._model: Any = None  # monai_sam.pipeline.SegmentationModel
+        self._model: Any = None  # monai_sam.bundle.SegmentationModel
         self._prepared: PreparedFeatureSegmenter | None = None
         self._weights_stamp: tuple | None = None
         self._auto: Callable | None = None
@@ -134,7 +134,8 @@ class Sam2LabelEngine:
         return (str(path), path.stat().st_mtime_ns) if path else None
 
     def _load(self) -> None:
-        from monai_sam.pipeline import load_bundle_model, load_checkpoint_model, resolve_device
+        from monai_sam.bundle import load_bundle_model, load_checkpoint_model
+        from monai_sam.pipeline import resolve_device
 
         s = self.settings
         device = resolve_device(s.device)

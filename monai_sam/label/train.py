@@ -82,7 +82,8 @@ class Sam2BundleTrainTask(BundleTrainTask):
                 "save_dict": "@train#state",
                 "save_interval": 1,
                 "n_saved": 1,
-            }
+            },
+            "@train#model_record",  # the frozen encoder the app serves, for the reload after training
         ]
         if request.get("pretrained", True) and start.is_file():
             logger.info("fine-tuning from %s", start)

@@ -6,10 +6,19 @@ from .lesions import (
     LesionInstancesd,
     LesionPromptsd,
     MergeLesionsd,
+    RandLesionPromptsd,
     lesion_instances,
     merge_lesions,
 )
-from .prompts import PROMPT_MODES, LoadPromptFiled, PromptFromLabeld, RandPromptFromLabeld, box_from_mask, clicks_from_mask
+from .prompts import (
+    PROMPT_MODES,
+    LoadPromptFiled,
+    PromptFromLabelBase,
+    PromptFromLabeld,
+    RandPromptFromLabeld,
+    box_from_mask,
+    clicks_from_mask,
+)
 from .regions import (
     CropAroundRegiond,
     LoadPhotoPromptFiled,
@@ -29,6 +38,7 @@ __all__ = [
     "FIRST_LESION_ID",
     "LesionInstancesd",
     "LesionPromptsd",
+    "RandLesionPromptsd",
     "MergeLesionsd",
     "lesion_instances",
     "merge_lesions",
@@ -50,6 +60,7 @@ __all__ = [
     "PROMPT_MODES",
     "box_from_mask",
     "clicks_from_mask",
+    "PromptFromLabelBase",
     "RandPromptFromLabeld",
     "PromptFromLabeld",
 ]

@@ -26,13 +26,14 @@ from monai.transforms import MapTransform
 from monai.utils import convert_to_numpy
 
 from monai_sam.evaluation.lesions import label_lesions
-from monai_sam.transforms.prompts import RandPromptFromLabeld
+from monai_sam.transforms.prompts import PromptFromLabelBase, RandPromptFromLabeld
 from monai_sam.transforms.slices import label_volume, source_name
 
 __all__ = [
     "FIRST_LESION_ID",
     "LesionInstancesd",
     "LesionPromptsd",
+    "RandLesionPromptsd",
     "MergeLesionsd",
     "lesion_instances",
     "merge_lesions",
@@ -218,19 +219,28 @@ class MergeLesionsd(MapTransform):
         return d
 
 
-class LesionPromptsd(RandPromptFromLabeld):
-    """`RandPromptFromLabeld` on an object map, one prompt set per lesion, lesions named.
+class _LesionNames:
+    """Names the lesion objects of a prompt transform's output ``"<lesion_name>_<k>"``."""
+
+    first_id: int
+    lesion_name: str
+    prompt_key: str
+
+    def _name_lesions(self, d: dict[Hashable, Any]) -> dict[Hashable, Any]:
+        for obj in d.get(self.prompt_key, []):
+            if obj.object_id >= self.first_id and not obj.name:
+                obj.name = f"{self.lesion_name}_{obj.object_id - self.first_id + 1}"
+        return d
+
+
+class RandLesionPromptsd(_LesionNames, RandPromptFromLabeld):
+    """`RandPromptFromLabeld` on an object map, one prompt set per lesion, lesions named (training).
 
     Each lesion is its own object with its own key slice(s) (``shared_key_slices`` is False by
     default here: lesions lie at different heights, and a box on one slice must carry through
     *that* lesion), so the memory network propagates each lesion from where it was prompted.
     Objects ``>= first_id`` are named ``"<lesion_name>_<k>"`` (k from 1); organs take their
-    names from ``label_names``.
-
-    Oracle (evaluation / inference) prompts: ``deterministic=True`` with
-    ``key_slices="largest"`` and ``mode_probs={"box": 1}``: the exact box of each lesion on
-    its largest axial slice, what a reader would draw. Every other argument is
-    `RandPromptFromLabeld`'s.
+    names from ``label_names``. Every other argument is `RandPromptFromLabeld`'s.
     """
 
     def __init__(
@@ -249,11 +259,45 @@ class LesionPromptsd(RandPromptFromLabeld):
         self.lesion_name = str(lesion_name)
 
     def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, Any]:
-        d = super().__call__(data)
-        for obj in d.get(self.prompt_key, []):
-            if obj.object_id >= self.first_id and not obj.name:
-                obj.name = f"{self.lesion_name}_{obj.object_id - self.first_id + 1}"
-        return d
+        return self._name_lesions(super().__call__(data))
+
+
+class LesionPromptsd(_LesionNames, PromptFromLabelBase):
+    """Oracle lesion prompts (evaluation, inference with a reference): `RandLesionPromptsd` without
+    randomness.
+
+    Defaults to what a reader draws: the exact box of each lesion on its largest axial slice
+    (``key_slices="largest"``, ``mode_probs={"box": 1}``; one mode only). Not ``Randomizable``:
+    a ``CacheDataset`` caches it with the loading before it.
+    """
+
+    def __init__(
+        self,
+        label_key: str = "label",
+        prompt_key: str = "prompts",
+        first_id: int = FIRST_LESION_ID,
+        lesion_name: str = "lesion",
+        shared_key_slices: bool = False,
+        key_slices: str | int = "largest",
+        mode_probs: Mapping[str, float] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if not kwargs.pop("deterministic", True):
+            raise ValueError("LesionPromptsd is deterministic; use RandLesionPromptsd for random prompts")
+        super().__init__(
+            label_key=label_key,
+            prompt_key=prompt_key,
+            shared_key_slices=shared_key_slices,
+            key_slices=key_slices,
+            mode_probs={"box": 1.0} if mode_probs is None else mode_probs,
+            deterministic=True,
+            **kwargs,
+        )
+        self.first_id = int(first_id)
+        self.lesion_name = str(lesion_name)
+
+    def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, Any]:
+        return self._name_lesions(super().__call__(data))
 
 
 def _like(value: NdarrayOrTensor, objects: np.ndarray) -> NdarrayOrTensor:

@@ -27,6 +27,7 @@ __all__ = [
     "PROMPT_MODES",
     "box_from_mask",
     "clicks_from_mask",
+    "PromptFromLabelBase",
     "RandPromptFromLabeld",
     "PromptFromLabeld",
     "LoadPromptFiled",
@@ -164,8 +165,12 @@ def clicks_from_mask(
     return points, labels
 
 
-class RandPromptFromLabeld(Randomizable, MapTransform):
-    """Draw prompts for the objects of a label volume on key slices where they are present.
+class PromptFromLabelBase(MapTransform):
+    """Prompts for the objects of a label volume on key slices where they are present.
+
+    The logic shared by `RandPromptFromLabeld` (training: random draws from MONAI's ``self.R``)
+    and `PromptFromLabeld` (oracle prompts). It is not ``Randomizable``, so a ``CacheDataset``
+    caches the deterministic one and everything before it.
 
     Writes ``data[prompt_key]``: a ``list[ObjectPrompts]``, one per object, each with up to
     ``num_key_slices`` `SlicePrompt`s. Slice indices refer to the volume in the dict (after
@@ -283,11 +288,12 @@ class RandPromptFromLabeld(Randomizable, MapTransform):
         self.label_names = {int(k): str(v) for k, v in (label_names or {}).items()}
         self.deterministic = deterministic
 
-    def randomize(self, data: Any = None) -> None:
-        """Nothing to pre-draw: all draws depend on the label and use ``self.R`` in ``__call__``."""
+    def _random(self) -> np.random.RandomState:
+        """The random stream of the random variant; deterministic prompts never draw."""
+        raise RuntimeError(f"{type(self).__name__} draws no random numbers (deterministic prompts)")
 
     def _rng(self) -> Rng | None:
-        return None if self.deterministic else self.R
+        return None if self.deterministic else self._random()
 
     def _objects(self, d: Mapping[Hashable, Any], present: list[int], where: str) -> list[int]:
         if self.object_ids is not None:
@@ -311,7 +317,7 @@ class RandPromptFromLabeld(Randomizable, MapTransform):
     def _at_most(self, ids: list[int]) -> list[int]:
         if self.max_objects is None or len(ids) <= self.max_objects:
             return list(ids)
-        return sorted(int(i) for i in self.R.choice(ids, size=self.max_objects, replace=False))
+        return sorted(int(i) for i in self._random().choice(ids, size=self.max_objects, replace=False))
 
     def _key_slices(self, areas: np.ndarray, object_id: int, where: str) -> list[int]:
         on = np.flatnonzero(areas)
@@ -324,7 +330,7 @@ class RandPromptFromLabeld(Randomizable, MapTransform):
                 )
             return [k]
         if self.key_slices == "random":
-            return sorted(int(k) for k in self.R.choice(on, size=n, replace=False))
+            return sorted(int(k) for k in self._random().choice(on, size=n, replace=False))
         if self.key_slices == "middle":
             # centres of n equal parts of the object's slices: distinct, n = 1 gives the median
             return [int(on[i]) for i in ((np.arange(n) + 0.5) * len(on) / n).astype(int)]
@@ -334,7 +340,7 @@ class RandPromptFromLabeld(Randomizable, MapTransform):
     def _slice_prompt(self, mask: np.ndarray, k: int) -> SlicePrompt:
         mode = self.modes[0]
         if len(self.modes) > 1:  # no draw for a single mode: deterministic prompts stay deterministic
-            mode = self.modes[int(self.R.choice(len(self.modes), p=self.mode_p))]
+            mode = self.modes[int(self._random().choice(len(self.modes), p=self.mode_p))]
         if mode == "mask":
             return SlicePrompt(slice_index=k, mask=mask)
         box = points = labels = None
@@ -380,7 +386,22 @@ class RandPromptFromLabeld(Randomizable, MapTransform):
         return d
 
 
-class PromptFromLabeld(RandPromptFromLabeld):
+class RandPromptFromLabeld(Randomizable, PromptFromLabelBase):
+    """Draw prompts for the objects of a label volume at random (training).
+
+    Every argument is `PromptFromLabelBase`'s; the draws (key slices, prompt kind, box jitter,
+    clicks, objects) come from MONAI's ``self.R``, so ``set_random_state`` and
+    ``set_determinism`` reach them.
+    """
+
+    def randomize(self, data: Any = None) -> None:
+        """Nothing to pre-draw: all draws depend on the label and use ``self.R`` in ``__call__``."""
+
+    def _random(self) -> np.random.RandomState:
+        return self.R
+
+
+class PromptFromLabeld(PromptFromLabelBase):
     """Oracle prompts without randomness, for evaluation and inference with a reference label.
 
     Same output as `RandPromptFromLabeld`; key slices by ``"largest"`` area (or ``"middle"``, or

@@ -79,8 +79,11 @@ def region_masks(label: np.ndarray, regions: Mapping[int, Sequence[int]]) -> np.
     return np.stack([np.isin(label, list(vals)) for vals in regions.values()])
 
 
-class RandRegionPromptd(Randomizable, MapTransform):
+class RegionPromptBase(MapTransform):
     """Prompts for each region of a 2D label map (box with jitter, clicks...), and the regions' masks.
+
+    The logic shared by `RandRegionPromptd` (training) and `RegionPromptd` (oracle prompts, not
+    ``Randomizable``: a ``CacheDataset`` caches it).
 
     Args:
         label_key: the 2D label map ``(1, H, W)``.
@@ -126,6 +129,39 @@ class RandRegionPromptd(Randomizable, MapTransform):
         )
 
     def _prompter(self, region_names, mode_probs, box_jitter, num_positive, num_negative, negative_margin):
+        raise NotImplementedError
+
+    def _share_random_state(self) -> None:
+        """The random variant hands its stream to the prompter; the oracle one has none."""
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        if self.label_key not in d:
+            if self.allow_missing_keys:
+                return d
+            raise KeyError(f"no label key {self.label_key!r} to draw prompts from (keys: {list(d)})")
+        where = source_name(d, self.label_key)
+        label = label_map_2d(d[self.label_key], where)
+        masks = region_masks(label, self.regions)
+        self._share_random_state()
+        objects: list[ObjectPrompts] = []
+        for (object_id, values), mask in zip(self.regions.items(), masks, strict=True):
+            if not mask.any():
+                raise ValueError(
+                    f"{where}: empty label where one is required: region {object_id} "
+                    f"(label values {values}) is absent (labels present: {np.unique(label).tolist()})"
+                )
+            one = {"label": (mask.astype(np.int64) * object_id)[None, :, :, None]}
+            objects += self.prompter(one)["prompts"]
+        d[self.prompt_key] = objects
+        d[self.masks_key] = torch.from_numpy(masks.astype(np.uint8))
+        return d
+
+
+class RandRegionPromptd(Randomizable, RegionPromptBase):
+    """Random prompts for the regions (training); arguments as `RegionPromptBase`."""
+
+    def _prompter(self, region_names, mode_probs, box_jitter, num_positive, num_negative, negative_margin):
         return RandPromptFromLabeld(
             label_key="label",
             prompt_key="prompts",
@@ -141,31 +177,11 @@ class RandRegionPromptd(Randomizable, MapTransform):
     def randomize(self, data: Any = None) -> None:
         """Nothing to pre-draw: the prompter draws from ``self.R`` (shared) in ``__call__``."""
 
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        if self.label_key not in d:
-            if self.allow_missing_keys:
-                return d
-            raise KeyError(f"no label key {self.label_key!r} to draw prompts from (keys: {list(d)})")
-        where = source_name(d, self.label_key)
-        label = label_map_2d(d[self.label_key], where)
-        masks = region_masks(label, self.regions)
+    def _share_random_state(self) -> None:
         self.prompter.R = self.R  # one random stream: set_random_state / set_determinism reach it
-        objects: list[ObjectPrompts] = []
-        for (object_id, values), mask in zip(self.regions.items(), masks, strict=True):
-            if not mask.any():
-                raise ValueError(
-                    f"{where}: empty label where one is required: region {object_id} "
-                    f"(label values {values}) is absent (labels present: {np.unique(label).tolist()})"
-                )
-            one = {"label": (mask.astype(np.int64) * object_id)[None, :, :, None]}
-            objects += self.prompter(one)["prompts"]
-        d[self.prompt_key] = objects
-        d[self.masks_key] = torch.from_numpy(masks.astype(np.uint8))
-        return d
 
 
-class RegionPromptd(RandRegionPromptd):
+class RegionPromptd(RegionPromptBase):
     """Oracle prompts for the regions without randomness (evaluation, inference with labels).
 
     ``mode``: ``"box"`` (the exact extent), ``"clicks"`` (the most interior pixel, plus

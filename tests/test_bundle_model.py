@@ -1,0 +1,143 @@
+"""One model path: a bundle trained over an official-format checkpoint serves every door alike.
+
+The checkpoint is a SAM2.1 hiera-t written in the official format (``{"model": state_dict}``)
+from a model seeded apart from the bundles' default initialisation, so each door is checked to
+carry *those* weights. Training writes models/model_record.json; with it ``monai.bundle run
+inference`` and ``monai-sam segment --bundle`` need no image-size option, give the same maps
+voxel for voxel (the liver bundle's lesion merge included), and refuse another encoder naming
+the setting that differs.
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from helpers_dicom_pipeline import base_checkpoint, checkpoint_digest, weights_digest
+from monai.bundle import ConfigWorkflow
+
+import test_bundle_ct_organs as organs
+import test_bundle_liver_tumor as liver
+from monai_sam.bundle import BundleError, load_bundle_model
+from monai_sam.cli import main as cli_main
+from monai_sam.engines import read_model_record
+
+pytestmark = pytest.mark.slow
+
+BUNDLES = {
+    "sam2_ct_abdominal_organs": (organs, ["seg"]),
+    "sam2_ct_liver_tumor": (liver, ["seg", "objects"]),
+}
+
+
+def _workflow(module, configs, kind, **overrides) -> ConfigWorkflow:
+    wf = ConfigWorkflow(config_file=configs, workflow_type=kind,
+                        logging_file=str(module.CONFIGS / "logging.conf"), **overrides)
+    wf.initialize()
+    return wf
+
+
+@pytest.fixture(scope="module", params=sorted(BUNDLES))
+def trained(request, tmp_path_factory):
+    """A tiny bundle trained over the official-format checkpoint; the overrides used."""
+    name = request.param
+    module, outputs = BUNDLES[name]
+    base = tmp_path_factory.mktemp(name)
+    ckpt = base_checkpoint(base / "sam2.1_hiera_tiny.pt")
+    overrides = module.tiny(base / "bundle", base / "data", checkpoint=str(ckpt), demo=False)
+    _workflow(module, module.TRAIN, "train", **overrides).run()
+    shutil.copytree(module.CONFIGS, base / "bundle" / "configs")  # a bundle folder: configs/ + models/
+    return name, module, outputs, base, ckpt, overrides
+
+
+def _liver_prompt_file(label_path: Path, out: Path) -> None:
+    """The liver and each lesion boxed on its largest slice (world mm), as a reader would prompt."""
+    from monai_sam.data.loading import load_volume
+    from monai_sam.io.prompt_file import write_prompt_file
+    from monai_sam.transforms import LesionInstancesd, LesionPromptsd
+
+    label = load_volume(label_path)
+    values = np.rint(label[0].numpy()).astype(np.int64)
+    classes = np.where(values == 6, 2, np.where(values == 1, 1, 0))  # the bundle's label_mapping
+    d = LesionInstancesd(keys="label", lesion_label=2, fill_label=1)({"label": torch.as_tensor(classes)[None]})
+    objects = LesionPromptsd(label_key="label", label_names={1: "liver"}, lesion_name="liver_tumor")(d)["prompts"]
+    assert any(o.object_id >= 100 for o in objects), "the phantom has lesions"
+    write_prompt_file(out, objects, label, coordinates="world")
+
+
+def test_training_records_the_frozen_encoder(trained):
+    _, _, _, base, ckpt, overrides = trained
+    record = read_model_record(base / "bundle" / "models")
+    assert record is not None, "training writes models/model_record.json"
+    assert (record.model_size, record.image_size) == ("sam2.1_hiera_t", overrides["image_size"])
+    assert record.checkpoint == ckpt.name
+    import hashlib
+
+    assert record.checkpoint_sha256 == hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    assert record.label_names and all(isinstance(k, int) for k in record.label_names)
+    assert "window" in record.preprocessing
+
+
+def test_the_official_weights_reach_the_network(trained):
+    _, _, _, base, ckpt, _ = trained
+    model = load_bundle_model(base / "bundle", checkpoint=ckpt, device="cpu")
+    got = weights_digest(model.network.model.state_dict())
+    assert got == checkpoint_digest(ckpt)
+    default = base_checkpoint(base / "default_init.pt", seed=0)  # what no checkpoint would give
+    assert got != checkpoint_digest(default)
+    assert model.parameters["image_size"] == "128" and not model.demo
+
+
+def test_bundle_inference_and_segment_give_the_same_files(trained, tmp_path):
+    name, module, outputs, base, ckpt, overrides = trained
+    data = base / "data"
+    cases = sorted((data / "imagesTr").glob("*.nii.gz"))[:1]
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for case in cases:
+        shutil.copy(case, inputs / case.name)
+    prompts = data / "prompts"  # the phantoms' organ boxes
+    if name == "sam2_ct_liver_tumor":
+        prompts = tmp_path / "prompts"
+        for case in cases:
+            _liver_prompt_file(data / "labelsTr" / case.name, prompts / case.name.replace(".nii.gz", ".json"))
+    run = {k: v for k, v in overrides.items() if k != "image_size"}  # the record gives it
+    _workflow(module, [module.TRAIN, str(module.CONFIGS / "inference.yaml")], "infer",
+              **run, input_dir=str(inputs), prompt_dir=str(prompts),
+              inference_output_dir=str(tmp_path / "bundle_out")).run()
+    rc = cli_main(["segment", "--input", str(inputs), "--bundle", str(base / "bundle"),
+                   "--checkpoint", str(ckpt), "--prompts", str(prompts), "--output", str(tmp_path / "cli_out"),
+                   "--device", "cpu"])
+    assert rc == 0
+    for case in cases:
+        stem = case.name.removesuffix(".nii.gz")
+        for out in outputs:
+            a = nib.load(tmp_path / "bundle_out" / f"{stem}_{out}.nii.gz")
+            b = nib.load(tmp_path / "cli_out" / f"{stem}_{out}.nii.gz")
+            assert np.allclose(a.affine, b.affine, atol=1e-5)
+            va, vb = np.asarray(a.dataobj), np.asarray(b.dataobj)
+            assert va.shape == vb.shape and np.array_equal(va, vb), f"{name} {stem}_{out}: the doors differ"
+            assert va.any(), f"{name} {stem}_{out}: empty"
+    if name == "sam2_ct_liver_tumor":  # the lesion merge ran: classes 1/2 only, objects keep lesion ids
+        seg = np.asarray(nib.load(tmp_path / "cli_out" / f"{stem}_seg.nii.gz").dataobj)
+        objects = np.asarray(nib.load(tmp_path / "cli_out" / f"{stem}_objects.nii.gz").dataobj)
+        assert set(np.unique(seg)) <= {0, 1, 2} and (objects >= 100).any() == (seg == 2).any()
+    record = json.loads((tmp_path / "cli_out" / f"{stem}_seg.json").read_text())
+    assert [f"{stem}_{o}.nii.gz" for o in outputs] == [o for o in record["outputs"] if o.endswith(".nii.gz")]
+
+
+def test_another_encoder_is_refused_naming_the_setting(trained, tmp_path):
+    _, module, _, base, ckpt, overrides = trained
+    other = base_checkpoint(tmp_path / "sam2.1_hiera_tiny.pt", seed=99)  # same name, other weights
+    with pytest.raises(BundleError, match="weights: .*SHA-256"):
+        load_bundle_model(base / "bundle", checkpoint=other, device="cpu")
+    with pytest.raises(BundleError, match="weights: no checkpoint given"):
+        load_bundle_model(base / "bundle", device="cpu", demo=True)
+    with pytest.raises(RuntimeError) as info:  # MONAI wraps what a config expression raises
+        _workflow(module, [module.TRAIN, str(module.CONFIGS / "inference.yaml")], "infer",
+                  **{**overrides, "image_size": 64}).run()
+    assert "image size 64 px (trained at 128 px)" in str(info.value.__cause__)
+    assert torch.load(base / "bundle" / "models" / "model.pt", weights_only=True)  # left intact
