@@ -225,7 +225,7 @@ def load_bundle_model(
     network = parser.get_parsed_content("network")
     trainable = parser.get_parsed_content("trainable_checkpoint")
     state = torch.load(trained, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "model" in state and "weights" not in state:
+    if isinstance(state, dict) and "model" in state and "frozen_identity" not in state:  # CheckpointSaver wraps it
         state = state["model"]
     try:
         trainable.load_state_dict(state)

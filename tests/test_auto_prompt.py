@@ -9,6 +9,7 @@ from monai.data import MetaTensor
 from monai.losses import DiceCELoss
 
 from monai_sam.data import make_phantom
+from monai_sam.engines.checkpoint import trained_weights
 from monai_sam.inferers import AutoPromptd, AutoPrompter, MemoryPropagationInferer, intensity_transform
 from monai_sam.networks import PromptFreeSamSegmenter, Sam2VolumeSegmenter, build_sam2_model
 from monai_sam.prompts import ObjectPrompts, PromptError, validate_prompts
@@ -172,7 +173,7 @@ def test_ct_bundle_runs_fully_automatically(tmp_path):
     head = root / "models" / "autoprompt_head" / "model.pt"
     state = torch.load(head, map_location="cpu", weights_only=True)
     state = state.get("model", state)
-    assert state["trainable"] == ["head"] and all(k.startswith("head.") for k in state["weights"])
+    assert state["trainable"] == ["head"] and all(k.startswith("head.") for k in trained_weights(state))
 
     single = tmp_path / "single"
     single.mkdir()

@@ -10,6 +10,8 @@ import pytest
 import torch
 from monai.bundle import ConfigWorkflow
 
+from monai_sam.engines.checkpoint import trained_weights
+
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "autosam_mri_cardiac"
 CONFIGS = BUNDLE / "configs"
@@ -136,7 +138,7 @@ def test_training_writes_head_checkpoints_metrics_and_cache(trained):
     state = torch.load(models / "model.pt", map_location="cpu", weights_only=True)
     state = state.get("model", state)
     assert state["model_name"] == "sam2.1_hiera_t" and state["trainable"] == ["head"]
-    assert state["weights"] and all(k.startswith("head.") for k in state["weights"])
+    assert trained_weights(state) and all(k.startswith("head.") for k in trained_weights(state))
     assert wf.trainer.state.epoch == 1
 
 

@@ -8,14 +8,14 @@ are not ``Randomizable``.
 from pathlib import Path
 
 import pytest
-import torch
-from monai.bundle import ConfigWorkflow
-from monai.transforms import Randomizable
-
 import test_bundle_autosam_cardiac as cardiac
 import test_bundle_ct_organs as organs
 import test_bundle_fundus as fundus
 import test_bundle_liver_tumor as liver
+import torch
+from monai.bundle import ConfigWorkflow
+from monai.transforms import Randomizable
+
 from monai_sam.transforms import LesionPromptsd, PromptFromLabeld, RegionPromptd
 
 pytestmark = pytest.mark.slow

@@ -13,6 +13,8 @@ import pytest
 import torch
 from monai.bundle import ConfigWorkflow
 
+from monai_sam.engines.checkpoint import trained_weights
+
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "sam2_ct_abdominal_organs"
 CONFIGS = BUNDLE / "configs"
@@ -78,7 +80,7 @@ def test_training_writes_checkpoints_logs_metrics_and_cache(trained):
     state = torch.load(root / "models" / "model.pt", map_location="cpu", weights_only=True)
     state = state.get("model", state)
     assert state["model_name"] == "sam2.1_hiera_t" and len(state["frozen_identity"]) == 64
-    assert state["weights"] and not any(k.startswith("image_encoder.") for k in state["weights"])
+    assert trained_weights(state) and not any(k.startswith("image_encoder.") for k in trained_weights(state))
     assert wf.train_handlers is not None and wf.trainer.state.epoch == 1
 
 
@@ -207,7 +209,6 @@ def test_mlflow_tracking_records_the_run(tmp_path):
     wf.run()
     wf.finalize()
     from mlflow.tracking import MlflowClient
-
     from monai.utils import path_to_sqlite_uri
 
     db = tmp_path / "bundle" / "eval" / "mlruns.db"  # MONAI's default tracking store: output_dir/mlruns.db

@@ -16,6 +16,7 @@ from monai.bundle import ConfigWorkflow
 from PIL import Image
 
 from monai_sam.data.fundus import make_fundus, vertical_cup_to_disc_ratio, write_fundus_dataset
+from monai_sam.engines.checkpoint import trained_weights
 from monai_sam.evaluation.optic_disc_cup import format_disc_cup_table, score_disc_cup, summarize_disc_cup
 
 REPO = Path(__file__).resolve().parents[1]
@@ -193,7 +194,7 @@ def test_training_writes_checkpoints_tables_overlays_and_cache(trained):
     state = torch.load(root / "models" / "model.pt", map_location="cpu", weights_only=True)
     state = state.get("model", state)
     assert state["model_name"] == "sam2.1_hiera_t" and state["trainable"] == ["mask_decoder"]
-    assert state["weights"] and all(k.startswith("sam_mask_decoder.") for k in state["weights"])
+    assert trained_weights(state) and all(k.startswith("sam_mask_decoder.") for k in trained_weights(state))
     assert wf.trainer.state.epoch == 1 and "val_mean_dice" in wf.evaluator.state.metrics
     assert {"dice_disc", "dice_cup", "vcdr_mae"} <= set(wf.evaluator.state.metrics)
 
@@ -317,7 +318,7 @@ def test_sam_v1_recipe_trains_through_the_bundle(tmp_path):
     state = torch.load(tmp_path / "bundle" / "models" / "model.pt", map_location="cpu", weights_only=True)
     state = state.get("model", state)
     assert state["model_name"] == "sam_vit_b"
-    assert state["weights"] and all(k.startswith("mask_decoder.") for k in state["weights"])
+    assert trained_weights(state) and all(k.startswith("mask_decoder.") for k in trained_weights(state))
     assert len(_rows(tmp_path / "bundle" / "eval" / "validation" / "metrics_per_case.csv")) == 2
 
 

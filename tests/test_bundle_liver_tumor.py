@@ -15,6 +15,7 @@ from scipy import ndimage
 from monai_sam.data import load_volume
 from monai_sam.data.converters import LITS_LABELS, LayoutError, convert_lits
 from monai_sam.data.phantom import make_phantom, write_phantom_dataset
+from monai_sam.engines.checkpoint import trained_weights
 from monai_sam.transforms import lesion_instances
 
 REPO = Path(__file__).resolve().parents[1]
@@ -160,7 +161,7 @@ def test_training_writes_checkpoints_and_validation_lesion_tables(trained):
     assert list((root / "cache").rglob("*.feat")), "the frozen encoder's features are cached"
     state = torch.load(root / "models" / "model.pt", map_location="cpu", weights_only=True)
     state = state.get("model", state)
-    assert state["weights"] and not any(k.startswith("image_encoder.") for k in state["weights"])
+    assert trained_weights(state) and not any(k.startswith("image_encoder.") for k in trained_weights(state))
     val = root / "eval" / "validation"
     assert [r["name"] for r in _rows(val / "metrics_per_case.csv")] == ["liver", "liver_tumor"]
     _, val_label = _validation_case(wf)

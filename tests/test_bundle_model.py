@@ -15,12 +15,12 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import test_bundle_ct_organs as organs
+import test_bundle_liver_tumor as liver
 import torch
 from helpers_dicom_pipeline import base_checkpoint, checkpoint_digest, weights_digest
 from monai.bundle import ConfigWorkflow
 
-import test_bundle_ct_organs as organs
-import test_bundle_liver_tumor as liver
 from monai_sam.bundle import BundleError, load_bundle_model
 from monai_sam.cli import main as cli_main
 from monai_sam.engines import read_model_record
@@ -141,3 +141,27 @@ def test_another_encoder_is_refused_naming_the_setting(trained, tmp_path):
                   **{**overrides, "image_size": 64}).run()
     assert "image size 64 px (trained at 128 px)" in str(info.value.__cause__)
     assert torch.load(base / "bundle" / "models" / "model.pt", weights_only=True)  # left intact
+
+
+def test_monai_checkpoint_loader_loads_model_pt_into_network_def(trained):
+    """model.pt names tensors as network_def does: MONAI's CheckpointLoader(strict=False) loads them."""
+    from ignite.engine import Engine
+    from monai.bundle import ConfigParser
+    from monai.handlers import CheckpointLoader
+
+    from monai_sam.engines.checkpoint import trained_weights
+
+    _, module, _, base, ckpt, overrides = trained
+    parser = ConfigParser()
+    parser.read_config(module.TRAIN)
+    parser.update({**overrides, "device": "$torch.device('cpu')"})
+    network = parser.get_parsed_content("network_def")
+    state = torch.load(base / "bundle" / "models" / "model.pt", map_location="cpu", weights_only=True)
+    state = state.get("model", state)  # ignite saves a lone object unwrapped
+    trained_parts = trained_weights(state)
+    name = next(k for k in trained_parts if "mask_decoder" in k)
+    before = network.state_dict()["model." + name].clone()
+    assert not torch.equal(before, trained_parts[name]), "the fresh network starts elsewhere"
+    CheckpointLoader(load_path=str(base / "bundle" / "models" / "model.pt"), load_dict={"model": network},
+                     strict=False, map_location="cpu")(Engine(lambda engine, batch: None))
+    assert torch.equal(network.state_dict()["model." + name], trained_parts[name])

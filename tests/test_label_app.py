@@ -29,6 +29,7 @@ from monai.data import MetaTensor
 from monai.transforms import Orientation
 
 from monai_sam.data.phantom import LIVER, SPLEEN, make_phantom
+from monai_sam.engines.checkpoint import trained_weights
 from monai_sam.label.feature_store import VolumeFeatures, VolumeFeatureStore
 from monai_sam.label.prompting import VoxelMap, parse_request
 from monai_sam.networks import build_sam2_model
@@ -436,9 +437,9 @@ def test_automatic_task_with_the_ct_bundles_prompt_free_head(tmp_path, studies, 
     """The CT bundle's own auto_prompter (prompt-free head) behind monai_sam_auto, sharing the encoder."""
     from monai.bundle import ConfigParser
 
+    from monai_sam.bundle import load_bundle_model
     from monai_sam.data.loading import load_volume
     from monai_sam.label.main import MonaiSamLabelApp
-    from monai_sam.bundle import load_bundle_model
 
     root, _ = studies
     bundle = _bundle_copy(tmp_path, auto_prompter=KEEP, image_size=S)
@@ -495,7 +496,7 @@ def test_train_task_runs_the_bundle_workflow_on_the_datastore_labels(tmp_path, s
     assert model_pt.is_file(), "validation saved the best model"
     state = torch.load(model_pt, map_location="cpu", weights_only=True)
     state = state.get("model", state)
-    assert state["format"].startswith("monai-sam trainable parts") and state["weights"]
+    assert state["format"].startswith("monai-sam trainable parts") and trained_weights(state)
     assert list((bundle / "models").glob("checkpoint_epoch=1.pt"))
     # the infer task now serves the trained parts over the same frozen encoder
     res = app.infer(

@@ -9,6 +9,7 @@ from monai.data import MetaTensor
 from monai.losses import DiceCELoss
 from torch.utils.data import DataLoader
 
+from monai_sam.engines.checkpoint import trained_weights
 from monai_sam.inferers import PromptFreeSliceInferer
 from monai_sam.networks import (
     HEADS,
@@ -230,7 +231,7 @@ def test_frozen_encoder_trainer_trains_only_the_head_with_the_feature_cache(sam2
     # our checkpoint: the head only, refused by another encoder
     ckpt = TrainableCheckpoint(seg, "sam2.1_hiera_t", ["head"])
     state = ckpt.state_dict()
-    assert state["weights"] and all(k.startswith("head.") for k in state["weights"])
+    assert trained_weights(state) and all(k.startswith("head.") for k in trained_weights(state))
     torch.manual_seed(99)
     other = PromptFreeSamSegmenter(build_sam2_model("sam2.1_hiera_t", image_size=SIZE), "conv", [1, 2, 3])
     from monai_sam.engines import CheckpointMismatchError

@@ -3,6 +3,15 @@
 A frozen encoder is hundreds of MB that the user already has (the official file), so our
 checkpoints keep only what training changed. Loading them onto other frozen weights would
 silently produce garbage, so the identity of the frozen weights is stored and checked.
+
+Format v2 (``"monai-sam trainable parts v2"``): the trained tensors are top-level entries named
+as in the bundle's ``network_def`` (e.g. ``model.sam_mask_decoder...`` for a
+`Sam2VolumeSegmenter`), beside the metadata (``model_name``, ``trainable``,
+``base_checkpoint``, ``frozen_identity``). MONAI's ``CheckpointLoader(load_dict={"model":
+network_def}, strict=False)`` therefore loads a bundle's ``model.pt`` into the network (the
+frozen encoder comes from the official file; strict loading would ask for it too) without the
+identity check; `TrainableCheckpoint.load_state_dict` does the check. v1 files (tensors under
+``"weights"``, model names) still load.
 """
 
 from __future__ import annotations
@@ -19,7 +28,17 @@ from monai_sam.engines.feature_cache import encoder_identity
 from monai_sam.engines.trainer import TRAINABLE_PARTS, _part_of
 from monai_sam.networks.sam2_volume import Sam2VolumeSegmenter
 
-__all__ = ["CheckpointMismatchError", "TrainableCheckpoint", "latest_checkpoint", "load_trained_parts"]
+__all__ = [
+    "CheckpointMismatchError",
+    "TrainableCheckpoint",
+    "latest_checkpoint",
+    "load_trained_parts",
+    "trained_weights",
+]
+
+FORMAT_V1 = "monai-sam trainable parts v1"
+FORMAT_V2 = "monai-sam trainable parts v2"
+_METADATA = ("format", "model_name", "trainable", "base_checkpoint", "frozen_identity", "weights_prefix")
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +56,8 @@ class TrainableCheckpoint:
         model_name: the official size name, stored for the error messages.
         trainable: the trained parts (keys of `TRAINABLE_PARTS`).
         base_checkpoint: the official file the frozen parts came from (None: random init).
+        network: the module whose parameter names the file uses (the bundle's ``network_def``,
+            which holds ``model``); None: ``model`` itself.
     """
 
     def __init__(
@@ -45,9 +66,13 @@ class TrainableCheckpoint:
         model_name: str,
         trainable: Sequence[str],
         base_checkpoint: str | None = None,
+        network: nn.Module | None = None,
     ) -> None:
         # the SAM2Base inside a Sam2VolumeSegmenter (parameter names as in the official file)
+        if network is None and isinstance(model, Sam2VolumeSegmenter):
+            network = model
         self.model = model.model if isinstance(model, Sam2VolumeSegmenter) else model
+        self.network = network if network is not None else self.model
         self.model_name = model_name
         self.trainable = list(trainable)
         unknown = set(self.trainable) - set(TRAINABLE_PARTS)
@@ -69,20 +94,38 @@ class TrainableCheckpoint:
     def _is_trained(self, name: str) -> bool:
         return _part_of(name) in self.trainable
 
+    def _network_names(self) -> dict[str, str]:
+        """Model tensor name -> the name the same tensor has in ``network``."""
+        if self.network is self.model:
+            return {n: n for n in self.model.state_dict()}
+        where = {id(t): n for n, t in self.network.state_dict(keep_vars=True).items()}
+        names = {n: where.get(id(t)) for n, t in self.model.state_dict(keep_vars=True).items()}
+        missing = [n for n, w in names.items() if w is None and self._is_trained(n)]
+        if missing:
+            raise ValueError(f"the network does not hold the model's trained tensors {missing[:3]}")
+        return {n: w for n, w in names.items() if w is not None}
+
     def state_dict(self) -> dict[str, Any]:
-        weights = {k: v.detach().cpu() for k, v in self.model.state_dict().items() if self._is_trained(k)}
+        names = self._network_names()
+        weights = {
+            names[k]: v.detach().cpu() for k, v in self.model.state_dict().items() if self._is_trained(k)
+        }
+        trained = [k for k in names if self._is_trained(k)]
+        prefixes = {names[k][: len(names[k]) - len(k)] for k in trained if names[k].endswith(k)}
         return {
-            "format": "monai-sam trainable parts v1",
+            "format": FORMAT_V2,
             "model_name": self.model_name,
             "trainable": self.trainable,
             "base_checkpoint": self.base_checkpoint or "random init / demo",
             "frozen_identity": self.frozen_identity,
-            "weights": weights,
+            # what the network adds to the model's names ("model."): lets the bare model load it
+            "weights_prefix": prefixes.pop() if len(prefixes) == 1 else "",
+            **weights,
         }
 
     def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
-        if not isinstance(state, dict) or "weights" not in state or "frozen_identity" not in state:
-            raise CheckpointMismatchError("not a monai-sam checkpoint (no 'weights' / 'frozen_identity')")
+        if not isinstance(state, dict) or "frozen_identity" not in state:
+            raise CheckpointMismatchError("not a monai-sam checkpoint (no 'frozen_identity')")
         if state.get("model_name") != self.model_name or state["frozen_identity"] != self.frozen_identity:
             raise CheckpointMismatchError(
                 f"checkpoint was trained on {state.get('model_name')} with frozen weights from "
@@ -90,13 +133,32 @@ class TrainableCheckpoint:
                 f"{self.model_name} with frozen weights from {self.base_checkpoint or 'random init / demo'} "
                 f"(identity {self.frozen_identity[:12]}); load it onto the encoder it was trained with"
             )
-        result = self.model.load_state_dict(state["weights"], strict=False)
+        if state.get("format") == FORMAT_V1:
+            weights = dict(state["weights"])
+        else:
+            to_model = {w: n for n, w in self._network_names().items()}
+            prefix = str(state.get("weights_prefix", ""))
+            weights = {
+                to_model.get(k, k.removeprefix(prefix) if k not in to_model else k): v
+                for k, v in state.items()
+                if k not in _METADATA
+            }
+        result = self.model.load_state_dict(weights, strict=False)
         missing = [k for k in result.missing_keys if self._is_trained(k)]
         if strict and (missing or result.unexpected_keys):
             raise CheckpointMismatchError(
                 f"checkpoint does not match the trained parts {self.trainable}: missing {missing[:5]}, "
                 f"unexpected {result.unexpected_keys[:5]}"
             )
+
+
+def trained_weights(state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The trained tensors of one of our checkpoints (either format), named as in the model
+    (the official file's names: ``sam_mask_decoder...``), without the network's prefix."""
+    if state.get("format") == FORMAT_V1:
+        return dict(state["weights"])
+    prefix = str(state.get("weights_prefix", ""))
+    return {k.removeprefix(prefix): v for k, v in state.items() if k not in _METADATA}
 
 
 def latest_checkpoint(directory: str | Path, pattern: str = "*.pt") -> Path | None:
@@ -112,7 +174,7 @@ def load_trained_parts(model: nn.Module, path: str | Path, model_name: str, trai
                        base_checkpoint: str | None = None) -> None:
     """Load a training checkpoint (ours: ``{"model": {...}}`` or the bare dict) onto ``model``."""
     state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "model" in state and "weights" not in state:
+    if isinstance(state, dict) and "model" in state and "frozen_identity" not in state:  # CheckpointSaver wraps it
         state = state["model"]
     try:
         TrainableCheckpoint(model, model_name, trainable, base_checkpoint).load_state_dict(state)
