@@ -16,9 +16,9 @@ import pydicom
 import pytest
 from helpers_dicom_pipeline import IMAGE_SIZE, mask_prompt_file, phantom_series
 
+from monai_sam.bundle import load_checkpoint_model
 from monai_sam.cli import main
 from monai_sam.demo import DEMO_CONTENT_LABEL, DEMO_TEXT, DemoWeightsError
-from monai_sam.bundle import load_checkpoint_model
 from monai_sam.pipeline import Case, PipelineError, resolve_device, run_pipeline
 
 

@@ -22,8 +22,8 @@ from monai_sam.engines.lesion_handlers import (
 from monai_sam.transforms import (
     LesionInstancesd,
     LesionPromptsd,
-    RandLesionPromptsd,
     MergeLesionsd,
+    RandLesionPromptsd,
     lesion_instances,
     merge_lesions,
 )

@@ -16,8 +16,8 @@ from monai_sam.engines.trainer import (
     trainable_param_groups,
 )
 from monai_sam.networks import Sam2VolumeSegmenter, build_sam2_model, frames_from_sam_input
-from monai_sam.transforms import CTWindow, SamInput, box_from_mask
 from monai_sam.prompts import ObjectPrompts, SlicePrompt
+from monai_sam.transforms import CTWindow, SamInput, box_from_mask
 
 SIZE = 128
 
