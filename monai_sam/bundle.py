@@ -223,15 +223,13 @@ def load_bundle_model(
         # same one the trained parts were stamped with
         monai.utils.set_determinism(seed=parser.get_parsed_content("seed"))
     network = parser.get_parsed_content("network")
+    _require_volume_network(network, bundle_dir)
     trainable = parser.get_parsed_content("trainable_checkpoint")
-    state = torch.load(trained, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "model" in state and "frozen_identity" not in state:  # CheckpointSaver wraps it
-        state = state["model"]
     try:
-        trainable.load_state_dict(state)
+        trainable.load_file(trained)
     except CheckpointMismatchError as err:
         hint = "" if checkpoint else " (pass the base encoder's official weights with --checkpoint)"
-        raise BundleError(f"bundle {bundle_dir}: {trained}: {err}{hint}") from err
+        raise BundleError(f"bundle {bundle_dir}: {err}{hint}") from err
     network = network.to(torch.device(device))
     network.eval()
     meta = parser.get("_meta_") or {}
@@ -271,6 +269,19 @@ def load_bundle_model(
         outputs=dict(_parsed(parser, "outputs", DEFAULT_OUTPUTS)),
         postprocessing_steps=tuple(_parsed(parser, "postprocessing_steps", ())),
     )
+
+
+def _require_volume_network(network: Any, bundle_dir: Path) -> None:
+    """These doors propagate prompts through CT/MR volumes: a promptable SAM2 memory network."""
+    from monai_sam.networks import Sam2VolumeSegmenter
+    from monai_sam.networks.sam_image import Sam2ImageSegmenter
+
+    if not isinstance(network, Sam2VolumeSegmenter) or isinstance(network, Sam2ImageSegmenter):
+        raise BundleError(
+            f"bundle {bundle_dir}: its network is a {type(network).__name__}, not a promptable SAM2 "
+            "volume network (Sam2VolumeSegmenter); run it with its own inference: python -m monai.bundle "
+            f"run inference --config_file {bundle_dir / 'configs' / 'inference.yaml'}"
+        )
 
 
 def _parsed(parser, key: str, default: Any) -> Any:

@@ -153,11 +153,11 @@ def segment_volume(
         The label map ``(1, X, Y, Z)`` (object ids, 0 background) as a MetaTensor in the input
         file's orientation, with its affine (``meta["affine"]``) equal to the input's.
     """
+    from monai_sam.bundle import load_checkpoint_model
     from monai_sam.data.loading import load_volume
     from monai_sam.demo import require_weights
     from monai_sam.inferers import MemoryPropagationInferer
     from monai_sam.io.prompt_file import load_prompt_file
-    from monai_sam.networks import Sam2VolumeSegmenter, build_sam2_model
     from monai_sam.transforms import SamInput
 
     if network is None:
@@ -166,12 +166,11 @@ def segment_volume(
     objects = (
         list(prompts) if not isinstance(prompts, (str, os.PathLike)) else load_prompt_file(prompts, volume)
     )
-    dev = _device(device)
-    if network is None:
-        model = build_sam2_model(model_size, checkpoint, image_size=image_size, device=dev)
-        network = Sam2VolumeSegmenter(
-            model, encoder_batch_size=encoder_batch_size, autocast_dtype=_autocast_dtype(precision, dev)
-        )
+    if network is None:  # the CLI's model for a bare checkpoint: one recipe
+        dev = _device(device)
+        network = load_checkpoint_model(
+            checkpoint, model_size, image_size, window, dev, precision, encoder_batch_size, demo=demo
+        ).network
     scale = intensity_transform(window, volume)
     scaled = scale(volume) if scale is not None else volume
     scaled = scaled.as_tensor() if isinstance(scaled, MetaTensor) else torch.as_tensor(scaled)

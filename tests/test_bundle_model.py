@@ -105,7 +105,8 @@ def test_bundle_inference_and_segment_give_the_same_files(trained, tmp_path):
         for case in cases:
             _liver_prompt_file(data / "labelsTr" / case.name, prompts / case.name.replace(".nii.gz", ".json"))
     run = {k: v for k, v in overrides.items() if k != "image_size"}  # the record gives it
-    _workflow(module, [module.TRAIN, str(module.CONFIGS / "inference.yaml")], "infer",
+    # inference.yaml on its own, as model-zoo bundles run it
+    _workflow(module, str(module.CONFIGS / "inference.yaml"), "infer",
               **run, input_dir=str(inputs), prompt_dir=str(prompts),
               inference_output_dir=str(tmp_path / "bundle_out")).run()
     rc = cli_main(["segment", "--input", str(inputs), "--bundle", str(base / "bundle"),
@@ -165,3 +166,29 @@ def test_monai_checkpoint_loader_loads_model_pt_into_network_def(trained):
     CheckpointLoader(load_path=str(base / "bundle" / "models" / "model.pt"), load_dict={"model": network},
                      strict=False, map_location="cpu")(Engine(lambda engine, batch: None))
     assert torch.equal(network.state_dict()["model." + name], trained_parts[name])
+
+
+def test_a_bare_checkpoint_reaches_the_network_of_segment(tmp_path):
+    """``monai-sam segment --checkpoint`` without a bundle: the same kind of model, the file's weights."""
+    from monai_sam.bundle import load_checkpoint_model
+
+    ckpt = base_checkpoint(tmp_path / "sam2.1_hiera_tiny.pt")
+    model = load_checkpoint_model(ckpt, "sam2.1_hiera_t", image_size=128, window="abdomen", device="cpu")
+    assert weights_digest(model.network.model.state_dict()) == checkpoint_digest(ckpt)
+    assert weights_digest(model.network.model.state_dict(), "sam_mask_decoder.") == checkpoint_digest(
+        ckpt, "sam_mask_decoder."
+    )
+    assert not model.demo and model.outputs == {"pred": "seg"} and not model.postprocessing_steps
+
+
+@pytest.mark.parametrize("name", ["autosam_mri_cardiac", "sam2_fundus_optic_disc_cup"])
+def test_bundles_that_are_not_promptable_volume_networks_are_refused_clearly(tmp_path, name):
+    bundle = tmp_path / name
+    shutil.copytree(organs.REPO / "bundles" / name / "configs", bundle / "configs")
+    (bundle / "models").mkdir()
+    (bundle / "models" / "model.pt").write_bytes(b"")  # past the "no trained weights" check
+    ckpt_dir = bundle / "models" / ("autosam_labeled_all" if name == "autosam_mri_cardiac" else "")
+    ckpt_dir.mkdir(exist_ok=True)
+    (ckpt_dir / "model.pt").write_bytes(b"")
+    with pytest.raises(BundleError, match="not a promptable SAM2 volume network.*run inference"):
+        load_bundle_model(bundle, device="cpu", demo=True)

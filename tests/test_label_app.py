@@ -8,6 +8,7 @@ library call with the same weights and prompts (`segment_volume`) instead of aga
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -28,7 +29,10 @@ import yaml
 from monai.data import MetaTensor
 from monai.transforms import Orientation
 
+from helpers_dicom_pipeline import checkpoint_digest, weights_digest
+
 from monai_sam.data.phantom import LIVER, SPLEEN, make_phantom
+from monai_sam.engines import read_model_record
 from monai_sam.engines.checkpoint import trained_weights
 from monai_sam.label.feature_store import VolumeFeatures, VolumeFeatureStore
 from monai_sam.label.prompting import VoxelMap, parse_request
@@ -81,8 +85,9 @@ def studies(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    """Random SAM2.1 hiera-t weights at 128 px in the official file format."""
-    torch.manual_seed(0)
+    """SAM2.1 hiera-t weights at 128 px in the official file format, seeded apart from the
+    bundles' default initialisation (seed 0): a path that ignored the file would not serve them."""
+    torch.manual_seed(1234)
     model = build_sam2_model("sam2.1_hiera_t", image_size=S)
     path = tmp_path_factory.mktemp("ckpt") / "sam2.1_hiera_tiny_random.pt"
     torch.save({"model": model.state_dict()}, path)
@@ -322,6 +327,8 @@ def test_interactive_task_equals_the_library_call_and_reuses_features(app, studi
     )
     np.testing.assert_array_equal(first, expected)
     assert first.shape == SHAPE and set(np.unique(first)) <= {0, LIVER}
+    # the official file's weights are served, not the default initialisation
+    assert weights_digest(app.engine.model().network.model.state_dict()) == checkpoint_digest(checkpoint)
     encoded = app.engine.store.stats.encoded_slices
     assert encoded == SHAPE[2]
 
@@ -498,12 +505,15 @@ def test_train_task_runs_the_bundle_workflow_on_the_datastore_labels(tmp_path, s
     state = state.get("model", state)
     assert state["format"].startswith("monai-sam trainable parts") and trained_weights(state)
     assert list((bundle / "models").glob("checkpoint_epoch=1.pt"))
-    # the infer task now serves the trained parts over the same frozen encoder
+    # the infer task now serves the trained parts over the same frozen encoder: the official file's
     res = app.infer(
         {"model": "monai_sam_interactive", "image": "ct_b", "foreground": [[20, 20, 5]], "label": "liver"}
     )
     os.unlink(res["file"])
     assert "trained parts" in app.info()["monai_sam"]["weights"]["source"]
+    served = app.engine.model().network.model.state_dict()
+    assert weights_digest(served) == checkpoint_digest(checkpoint)
+    assert read_model_record(bundle / "models").checkpoint_sha256 == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
     # a second round fine-tunes from that model.pt (pretrained) instead of starting over
     before = model_pt.stat().st_mtime_ns
     app.train({"model": "bundle", "max_epochs": 1, "val_split": 0.5, "device": "cpu", "pretrained": True})

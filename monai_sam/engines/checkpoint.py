@@ -94,6 +94,17 @@ class TrainableCheckpoint:
     def _is_trained(self, name: str) -> bool:
         return _part_of(name) in self.trainable
 
+    def load_file(self, path: str | Path) -> None:
+        """Load one of our checkpoint files (``{"model": ...}`` as ignite saves several objects,
+        or the bare state), safely (``weights_only``); errors name the file."""
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "model" in state and "frozen_identity" not in state:
+            state = state["model"]
+        try:
+            self.load_state_dict(state)
+        except CheckpointMismatchError as err:
+            raise CheckpointMismatchError(f"{path}: {err}") from None
+
     def _network_names(self) -> dict[str, str]:
         """Model tensor name -> the name the same tensor has in ``network``."""
         if self.network is self.model:
@@ -173,11 +184,5 @@ def latest_checkpoint(directory: str | Path, pattern: str = "*.pt") -> Path | No
 def load_trained_parts(model: nn.Module, path: str | Path, model_name: str, trainable: Sequence[str],
                        base_checkpoint: str | None = None) -> None:
     """Load a training checkpoint (ours: ``{"model": {...}}`` or the bare dict) onto ``model``."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "model" in state and "frozen_identity" not in state:  # CheckpointSaver wraps it
-        state = state["model"]
-    try:
-        TrainableCheckpoint(model, model_name, trainable, base_checkpoint).load_state_dict(state)
-    except CheckpointMismatchError as err:
-        raise CheckpointMismatchError(f"{path}: {err}") from None
+    TrainableCheckpoint(model, model_name, trainable, base_checkpoint).load_file(path)
     logger.info("loaded trained parts %s from %s", list(trainable), path)

@@ -21,7 +21,7 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,10 +32,10 @@ from monai.data import MetaTensor
 
 from monai_sam.label.feature_store import VolumeFeatures, VolumeFeatureStore
 from monai_sam.label.prompting import ParsedRequest, VoxelMap
-from monai_sam.networks.sam2_volume import Sam2VolumeSegmenter, VolumeFrames
+from monai_sam.networks.sam2_volume import VolumeFrames
 from monai_sam.prompts import ObjectPrompts, PromptError
 
-__all__ = ["LabelModelSettings", "ImageGeometry", "Sam2LabelEngine", "PreparedFeatureSegmenter", "image_key"]
+__all__ = ["LabelModelSettings", "ImageGeometry", "Sam2LabelEngine", "image_key"]
 
 logger = logging.getLogger(__name__)
 
@@ -95,17 +95,6 @@ def image_key(path: str | os.PathLike) -> tuple:
     return (str(p), st.st_size, st.st_mtime_ns)
 
 
-class PreparedFeatureSegmenter(Sam2VolumeSegmenter):
-    """The same SAM2 model, fed features that already went through `prepare_features`.
-
-    The app keeps decoder-ready features (``conv_s0``/``conv_s1`` applied: 8x smaller than the raw
-    encoder outputs at the highest level), so the propagation must not apply them again.
-    """
-
-    def prepare_features(self, raw: Mapping[str, Sequence[torch.Tensor]]) -> dict[str, list[torch.Tensor]]:
-        return {"backbone_fpn": list(raw["backbone_fpn"]), "vision_pos_enc": list(raw["vision_pos_enc"])}
-
-
 def _dtype(name: str, autocast: torch.dtype | None) -> torch.dtype:
     table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if name == "auto":
@@ -123,7 +112,6 @@ class Sam2LabelEngine:
         self.store = VolumeFeatureStore(settings.cache_bytes, settings.cache_entries, settings.cache_age_s)
         self._model_lock = threading.RLock()
         self._model: Any = None  # monai_sam.bundle.SegmentationModel
-        self._prepared: PreparedFeatureSegmenter | None = None
         self._weights_stamp: tuple | None = None
         self._auto: Callable | None = None
         self.weights_info: dict[str, Any] = {"loaded": False}
@@ -170,15 +158,6 @@ class Sam2LabelEngine:
         self._auto = None  # rebuilt over the new weights when asked for
         net = model.network
         net.encoder_batch_size = int(s.encoder_batch_size)
-        self._prepared = PreparedFeatureSegmenter(
-            net.model,
-            encoder_batch_size=net.encoder_batch_size,
-            memory_dtype=net.memory_dtype,
-            autocast_dtype=net.autocast_dtype,
-            fill_hole_area=net.fill_hole_area,
-            start=net.start,
-            object_batch_size=net.object_batch_size,
-        ).eval()
         self._model = model
         self._weights_stamp = stamp
         self.store.clear()  # features include the decoder's trained projections: new weights, new features
@@ -264,21 +243,11 @@ class Sam2LabelEngine:
         scaled = scaled.as_tensor() if isinstance(scaled, MetaTensor) else torch.as_tensor(scaled)
         frames = VolumeFrames(scaled.float(), SamInput(net.image_size))
         dtype = _dtype(self.settings.feature_dtype, net.autocast_dtype)
-        levels: list[list[torch.Tensor]] = []
-        pos: list[torch.Tensor] = []
         t0 = time.perf_counter()
-        with torch.inference_mode():
-            for start in range(0, len(frames), net.encoder_batch_size):
-                idx = list(range(start, min(start + net.encoder_batch_size, len(frames))))
-                x = frames(idx).to(net.device).float()
-                with net._autocast():
-                    prepared = net.prepare_features(net.encode(x))
-                if not levels:
-                    levels = [[] for _ in prepared["backbone_fpn"]]
-                    pos = [p[:1].to("cpu", dtype) for p in prepared["vision_pos_enc"]]
-                for lvl, f in zip(levels, prepared["backbone_fpn"], strict=True):
-                    lvl.append(f.to("cpu", dtype))
-        features = VolumeFeatures([torch.cat(lvl) for lvl in levels], pos, geometry=geometry)
+        encoded = net.encode_volume(frames, dtype=dtype)
+        features = VolumeFeatures(
+            list(encoded["backbone_fpn"]), [p[:1] for p in encoded["vision_pos_enc"]], geometry=geometry
+        )
         logger.info(
             "encoded %d slices of %s in %.1f s (%.0f MB of features, %s)",
             features.num_slices,
@@ -312,10 +281,8 @@ class Sam2LabelEngine:
 
         geometry: ImageGeometry = entry.geometry
         with self._model_lock, torch.inference_mode():
-            self.model()
-            assert self._prepared is not None
             label = propagate_to_label(
-                self._prepared,
+                self.model().network,
                 None,
                 objects,
                 features=entry.as_network_features(),

@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from monai_sam.networks.sam2_volume import PreparedFeatures
+
 __all__ = ["VolumeFeatures", "FeatureStoreStats", "VolumeFeatureStore"]
 
 logger = logging.getLogger(__name__)
@@ -48,13 +50,13 @@ class VolumeFeatures:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.backbone_fpn, *self.vision_pos_enc))
 
-    def as_network_features(self) -> dict[str, list[torch.Tensor]]:
+    def as_network_features(self) -> PreparedFeatures:
         """The ``features=`` argument of `Sam2VolumeSegmenter.propagate` (positions broadcast, no copy)."""
         t = self.num_slices
-        return {
-            "backbone_fpn": list(self.backbone_fpn),
-            "vision_pos_enc": [p.expand(t, -1, -1, -1) for p in self.vision_pos_enc],
-        }
+        return PreparedFeatures(
+            backbone_fpn=list(self.backbone_fpn),
+            vision_pos_enc=[p.expand(t, -1, -1, -1) for p in self.vision_pos_enc],
+        )
 
 
 @dataclass

@@ -10,6 +10,8 @@ it to monai-sam bundles:
   (our checkpoints hold only the trained parts; MONAI Label's default loader expects a whole
   network) and starts at epoch 0 instead of resuming an older run's epoch counter;
 - ``epochs`` (the learning-rate schedule) follows the requested ``max_epochs``;
+- the frozen encoder is the one the app serves (``checkpoint``, ``model_size``, ``image_size``
+  of ``--conf``, else the bundle's), so the new trained parts load onto it;
 - with a single labeled image, validation runs on it too (logged), instead of failing.
 
 The new ``models/model.pt`` is what the infer tasks load next (they watch the file).
@@ -36,6 +38,7 @@ class Sam2BundleTrainTask(BundleTrainTask):
 
     def __init__(self, bundle: str | os.PathLike, conf: dict[str, str] | None = None) -> None:
         self._request: dict[str, Any] = {}
+        self._app_conf = dict(conf or {})
         super().__init__(str(Path(bundle).resolve()), conf or {})
         if not self.valid:
             raise ValueError(f"bundle {bundle}: no configs/train.yaml to train with")
@@ -71,6 +74,14 @@ class Sam2BundleTrainTask(BundleTrainTask):
         request = self._request
         max_epochs = int(request.get("max_epochs", overrides.get("train#trainer#max_epochs", 1)))
         overrides["epochs"] = max_epochs
+        # the frozen encoder the app serves (its checkpoint, size and input size): the trained
+        # parts must fit it, or the infer tasks would refuse the new model.pt
+        from monai_sam.label.config import settings_from_conf
+
+        served = settings_from_conf({**self._app_conf, "bundle": self.bundle_path})
+        overrides.update(model_size=served.model_size, image_size=int(served.image_size))
+        if served.checkpoint:
+            overrides["checkpoint"] = str(served.checkpoint)
         models = Path(self.bundle_path) / "models"
         name = request.get("model_filename", "model.pt")
         name = name if isinstance(name, str) else name[0]

@@ -39,7 +39,16 @@ from torch import Tensor, nn
 from monai_sam.networks.host_memory import trim_host_memory
 from monai_sam.prompts import ObjectPrompts, PromptError, SlicePrompt, validate_prompts
 
-__all__ = ["NO_OBJ_SCORE", "SliceSink", "ScoreSink", "FrameSource", "TensorFrames", "VolumeFrames", "Sam2VolumeSegmenter"]
+__all__ = [
+    "NO_OBJ_SCORE",
+    "SliceSink",
+    "ScoreSink",
+    "FrameSource",
+    "TensorFrames",
+    "VolumeFrames",
+    "PreparedFeatures",
+    "Sam2VolumeSegmenter",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -134,6 +143,16 @@ class _Cohort:
     maskmem_pos_enc: list[Tensor] | None = None
 
 
+class PreparedFeatures(dict):
+    """Every slice's features with the decoder's projections applied (`Sam2VolumeSegmenter.encode_volume`).
+
+    ``{"backbone_fpn": [...], "vision_pos_enc": [...]}`` with ``T`` rows per level;
+    ``propagate(features=...)`` uses them as they are (plain `encode` outputs, e.g. a frozen
+    encoder's cache, get ``prepare_features`` applied first). Kept by an interactive app: the
+    highest level is 8x smaller than the raw encoder output, and a new prompt costs no encoder run.
+    """
+
+
 class _FeatureStream:
     """Per-slice features for the frame step, encoded in chunks in the order they are needed.
 
@@ -157,6 +176,7 @@ class _FeatureStream:
         self.encoded = 0  # how many slices went through the encoder (for tests and logs)
 
     def _fill(self, indices: list[int]) -> None:
+        prepared = None
         if self.raw is not None:
             dev = self.seg.device  # a cache may live on the CPU (or on disk, memory-mapped)
             raw = {
@@ -164,6 +184,8 @@ class _FeatureStream:
                 for k, v in self.raw.items()
                 if k in ("backbone_fpn", "vision_pos_enc")
             }
+            if isinstance(self.raw, PreparedFeatures):
+                prepared = raw
         else:
             if self.seg.release_host_memory and self.seg.device.type == "cpu":
                 trim_host_memory()  # the last chunk's freed activations (see host_memory)
@@ -171,8 +193,9 @@ class _FeatureStream:
             with self.seg._autocast():
                 raw = self.seg.encode(images)
             self.encoded += len(indices)
-        with self.seg._autocast():
-            prepared = self.seg.prepare_features(raw)
+        if prepared is None:
+            with self.seg._autocast():
+                prepared = self.seg.prepare_features(raw)
         if not self.keep_all:
             self.cache.clear()
         for n, k in enumerate(indices):
@@ -310,6 +333,40 @@ class Sam2VolumeSegmenter(nn.Module):
             fpn[0] = self.model.sam_mask_decoder.conv_s0(fpn[0])
             fpn[1] = self.model.sam_mask_decoder.conv_s1(fpn[1])
         return {"backbone_fpn": fpn, "vision_pos_enc": list(raw["vision_pos_enc"])}
+
+    @torch.inference_mode()
+    def encode_volume(
+        self,
+        frames: Tensor | FrameSource,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        progress: bool = False,
+    ) -> PreparedFeatures:
+        """Encode every slice once (``encoder_batch_size`` at a time) for later `propagate` calls.
+
+        Returns `PreparedFeatures` in ``dtype`` on ``device``; the position encodings, equal for
+        every slice, are one slice broadcast to ``T`` (no copy).
+        """
+        from tqdm import tqdm
+
+        source = _as_frame_source(frames)
+        levels: list[list[Tensor]] = []
+        pos: list[Tensor] = []
+        starts = range(0, len(source), self.encoder_batch_size)
+        for start in tqdm(starts, desc="encode", unit="chunk", disable=not progress):
+            idx = list(range(start, min(start + self.encoder_batch_size, len(source))))
+            with self._autocast():
+                prepared = self.prepare_features(self.encode(source(idx).to(self.device).float()))
+            if not levels:
+                levels = [[] for _ in prepared["backbone_fpn"]]
+                pos = [p[:1].to(device, dtype) for p in prepared["vision_pos_enc"]]
+            for level, f in zip(levels, prepared["backbone_fpn"], strict=True):
+                level.append(f.to(device, dtype))
+        num = len(source)
+        return PreparedFeatures(
+            backbone_fpn=[torch.cat(level) for level in levels],
+            vision_pos_enc=[p.expand(num, -1, -1, -1) for p in pos],
+        )
 
     # ------------------------------------------------------------------ prompts
     def _model_prompt(
