@@ -26,6 +26,7 @@ __all__ = [
     "SegmentationModel",
     "bundle_parser",
     "bundle_trained_model",
+    "output_naming",
     "load_bundle_model",
     "load_checkpoint_model",
     "require_bundle_weights",
@@ -63,6 +64,8 @@ class SegmentationModel:
     demo: bool = False  # random weights (`monai_sam.demo`): every output says so
     outputs: dict[str, str] = dataclasses.field(default_factory=lambda: dict(DEFAULT_OUTPUTS))
     postprocessing_steps: tuple[Callable, ...] = ()
+    # a prompt-free bundle's inference on a loaded RAS volume -> label on the same grid
+    automatic: Callable | None = None
 
     def postprocess(self, label: Any) -> dict[str, Any]:
         """``{output name: map}`` from the object-id map ``label`` (``(1, X, Y, Z)``, input grid)."""
@@ -140,7 +143,7 @@ def bundle_parser(bundle_dir: str | os.PathLike, need_auto: bool = False):
             raise BundleError(
                 f"bundle {bundle_dir}: its configs ({', '.join(f.name for f in files)}) define no '{key}'"
             )
-    if need_auto and parser.get("auto_prompter") is None:
+    if need_auto and parser.get("auto_prompter") is None and not parser.get("prompt_free"):
         raise BundleError(
             f"bundle {bundle_dir} has no automatic mode: its inference.yaml defines no 'auto_prompter' "
             "(use --prompts with prompt files instead)"
@@ -223,7 +226,9 @@ def load_bundle_model(
         # same one the trained parts were stamped with
         monai.utils.set_determinism(seed=parser.get_parsed_content("seed"))
     network = parser.get_parsed_content("network")
-    _require_volume_network(network, bundle_dir)
+    prompt_free = bool(parser.get("prompt_free"))
+    if not prompt_free:
+        _require_volume_network(network, bundle_dir)
     trainable = parser.get_parsed_content("trainable_checkpoint")
     try:
         trainable.load_file(trained)
@@ -268,7 +273,45 @@ def load_bundle_model(
         demo=is_demo,
         outputs=dict(_parsed(parser, "outputs", DEFAULT_OUTPUTS)),
         postprocessing_steps=tuple(_parsed(parser, "postprocessing_steps", ())),
+        automatic=BundleInference(parser, network) if prompt_free else None,
     )
+
+
+class BundleInference:
+    """A prompt-free bundle's own inference on one loaded volume: its ``preprocessing`` steps
+    (without the loader: the caller has loaded and checked the volume), ``inferer`` and
+    ``network``. The label comes back on the volume's (RAS) grid."""
+
+    def __init__(self, parser, network: Any) -> None:
+        from monai.transforms import LoadImaged
+
+        from monai_sam.data.loading import LoadVolumed
+
+        steps = parser.get_parsed_content("preprocessing")
+        steps = getattr(steps, "transforms", steps)
+        self.steps = [t for t in steps if not isinstance(t, (LoadVolumed, LoadImaged))]
+        self.inferer = parser.get_parsed_content("inferer")
+        self.network = network
+
+    def __call__(self, volume: Any) -> Any:
+        d: dict[str, Any] = {"image": volume}
+        for step in self.steps:
+            d = dict(step(d))
+        device = next(self.network.parameters()).device
+        with torch.inference_mode():
+            label = self.inferer(d["image"].to(device), self.network)
+        return label.cpu()
+
+
+def output_naming(parser) -> Any:
+    """`monai_sam.pipeline.OutputNaming` of a bundle, from its configs without building anything:
+    the first of its ``outputs`` names the main file; a ``prompt_free`` bundle's names carry no
+    ``_auto_prompts``."""
+    from monai_sam.pipeline import OutputNaming
+
+    outputs = parser.get("outputs") or DEFAULT_OUTPUTS
+    main = str(next(iter(dict(outputs).values())))
+    return OutputNaming(main=main, prompt_free=bool(parser.get("prompt_free")))
 
 
 def _require_volume_network(network: Any, bundle_dir: Path) -> None:

@@ -116,8 +116,8 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
                      help="prompt file (one case) or folder of <case>.json prompt files "
                      "(docs/prompt_file.md)")
     how.add_argument("--auto", action="store_true",
-                     help="prompts from the bundle's automatic prompter "
-                     "(its inference.yaml 'auto_prompter')")
+                     help="no prompt file: the bundle's automatic prompter (its inference.yaml "
+                     "'auto_prompter'), or a prompt-free bundle's own inference")
     how.add_argument("--checkpoint", type=Path, default=None,
                      help="official SAM2/SAM2.1 .pt: without --bundle the model itself; with --bundle "
                      "the frozen encoder the bundle was trained on (none: refused unless --demo)")
@@ -183,14 +183,15 @@ def _bundle_modalities(bundle: Path | None) -> tuple[str, ...]:
 
 
 def _run_segment(args: argparse.Namespace) -> int:
-    from monai_sam.demo import DemoWeightsError, require_weights
     from monai_sam.bundle import (
         BundleError,
         bundle_parser,
         load_bundle_model,
         load_checkpoint_model,
+        output_naming,
         require_bundle_weights,
     )
+    from monai_sam.demo import DemoWeightsError, require_weights
     from monai_sam.pipeline import PipelineError, rank_and_world, resolve_device, run_pipeline
 
     # highdicom's INFO lines (one per copied module) would drown the per-case log
@@ -202,7 +203,8 @@ def _run_segment(args: argparse.Namespace) -> int:
             raise PipelineError("give --prompts (a prompt file or a folder of <case>.json) or --auto")
         if args.auto and args.bundle is None:
             raise PipelineError(
-                "--auto needs --bundle: a bundle whose inference.yaml defines 'auto_prompter'"
+                "--auto needs --bundle: a bundle whose inference.yaml defines 'auto_prompter' "
+                "(or a prompt-free bundle)"
             )
         rank, world, local_rank = rank_and_world()
         device = resolve_device(args.device, local_rank)
@@ -220,11 +222,15 @@ def _run_segment(args: argparse.Namespace) -> int:
                 )
         factory = functools.cache(factory)  # built once, and only when a case needs it
         # fail fast, before any case: a bundle that cannot serve, random weights not asked for
+        naming = None
         if args.bundle is not None:
             parser = bundle_parser(args.bundle, need_auto=args.auto)
+            if parser.get("prompt_free") and not args.auto:
+                raise PipelineError(f"bundle {args.bundle} is prompt-free: use --auto, not --prompts")
             if args.checkpoint is not None:
                 parser["checkpoint"] = str(args.checkpoint)
             require_bundle_weights(parser, args.bundle, args.demo)
+            naming = output_naming(parser)
         else:
             require_weights(args.checkpoint, args.demo, "monai-sam segment")
         modalities = _bundle_modalities(args.bundle)
@@ -237,7 +243,7 @@ def _run_segment(args: argparse.Namespace) -> int:
         summary = run_pipeline(
             cases, factory, args.output, prompts=args.prompts, auto=args.auto, dicom_seg=args.dicom_seg,
             overwrite=args.overwrite, dicomweb=dicomweb, store=not args.no_store, min_slices=args.min_slices,
-            modalities=modalities, rank=rank, world_size=world, store_demo=args.store_demo,
+            modalities=modalities, rank=rank, world_size=world, store_demo=args.store_demo, naming=naming,
         )
     except (PipelineError, BundleError, DemoWeightsError, FileNotFoundError, ValueError) as err:
         logger.error("segment: %s", err)  # the message names the file, study or bundle and what is wrong

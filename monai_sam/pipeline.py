@@ -53,6 +53,7 @@ __all__ = [
     "rank_and_world",
     "resolve_device",
     "run_pipeline",
+    "OutputNaming",
     "output_stem",
 ]
 
@@ -270,10 +271,30 @@ def dicomweb_cases(url: str, study_uids: Sequence[str]) -> list[Case]:
 # ----------------------------------------------------------------------------- one case
 
 
-def output_stem(case: Case, auto: bool, name: str = "seg") -> str:
-    """``<case>_seg`` for prompt files, ``<case>_seg_auto_prompts`` for a bundle's automatic
-    prompts; another ``name`` for a bundle's further outputs (``<case>_objects``...)."""
-    return f"{case.name}_{name}_auto_prompts" if auto else f"{case.name}_{name}"
+@dataclasses.dataclass(frozen=True)
+class OutputNaming:
+    """How a case's files are named, known before any model is built (a resumed run skips cases
+    by their record without loading a model).
+
+    ``main``: the first output's name (a bundle's ``outputs``: ``seg``, or ``seg_auto`` for a
+    prompt-free bundle); ``prompt_free``: the model needs no prompts, so its names carry no
+    ``_auto_prompts``.
+    """
+
+    main: str = "seg"
+    prompt_free: bool = False
+
+    def stem(self, case: Case, auto: bool, name: str | None = None) -> str:
+        """``<case>_seg`` for prompt files, ``<case>_seg_auto_prompts`` for a bundle's automatic
+        prompts, ``<case>_seg_auto`` for a prompt-free bundle; another ``name`` for a bundle's
+        further outputs (``<case>_objects``...)."""
+        suffix = "_auto_prompts" if auto and not self.prompt_free else ""
+        return f"{case.name}_{name or self.main}{suffix}"
+
+
+def output_stem(case: Case, auto: bool, naming: OutputNaming | None = None) -> str:
+    """The stem of a case's main output and record (see `OutputNaming`)."""
+    return (naming or OutputNaming()).stem(case, auto)
 
 
 def _record_path(output_dir: Path, stem: str) -> Path:
@@ -352,6 +373,7 @@ def _process(
     store: bool,
     min_slices: int,
     store_demo: bool = False,
+    naming: OutputNaming | None = None,
 ) -> dict:
     """Segment one case into ``staging``; returns its record (outputs not yet moved into place).
 
@@ -359,14 +381,15 @@ def _process(
     fast, and a run whose cases all fail early never loads a model.
     """
     from monai_sam.data.loading import load_volume
+    from monai_sam.inferers import SliceScores
     from monai_sam.io.dicom_seg import AlgorithmInfo, refuse_without_uids, write_dicom_seg
     from monai_sam.io.dicom_series import check_series, find_series, pick_image_series, select_series
-    from monai_sam.inferers import SliceScores
-    from monai_sam.segment import segment_volume, write_label
+    from monai_sam.segment import segment_volume, to_input_geometry, write_label
 
     if case.error:
         raise ValueError(case.error)
-    stem = output_stem(case, auto)
+    naming = naming or OutputNaming()
+    stem = naming.stem(case, auto)
     path, series_uid = case.path, case.series_uid
     if case.kind == "dicomweb":
         path, _ = dicomweb.fetch_study(case.study_uid, staging / "download", modalities)
@@ -390,14 +413,21 @@ def _process(
     if not auto:
         objects, source = _prompts_for(case, prompts, auto, None, volume)
     model = get_model()
-    if auto:
-        objects, source = _prompts_for(case, prompts, auto, model, volume)
     scores = SliceScores()
-    label = segment_volume(
-        volume, objects, network=model.network, window=model.window, progress=progress, slice_scores=scores
-    )
-    names = _segment_names(objects, model)
-    description = DEMO_TEXT if model.demo else f"monai-sam {model.name} ({source} prompts)"
+    if model.automatic is not None:  # a prompt-free bundle: its own steps, inferer and network
+        objects, source = [], "none"
+        label = to_input_geometry(model.automatic(volume), volume)
+        names = {k: v for k, v in model.label_names.items() if k != 0}
+    else:
+        if auto:
+            objects, source = _prompts_for(case, prompts, auto, model, volume)
+        label = segment_volume(
+            volume, objects, network=model.network, window=model.window, progress=progress,
+            slice_scores=scores,
+        )
+        names = _segment_names(objects, model)
+    how = "prompt-free" if source == "none" else f"{source} prompts"
+    description = DEMO_TEXT if model.demo else f"monai-sam {model.name} ({how})"
     # the bundle's own post-processing (e.g. lesion objects -> tumour class); the first map is
     # the main one, written as <stem>.nii.gz, the others as <case>_<name>[_auto_prompts].nii.gz
     maps = model.postprocess(label)
@@ -407,7 +437,7 @@ def _process(
     main_names = names if main_key == "pred" else {k: v for k, v in model.label_names.items() if k != 0}
     outputs = []
     for name, value in maps.items():
-        file = f"{stem if value is main else output_stem(case, auto, name)}.nii.gz"
+        file = f"{stem if value is main else naming.stem(case, auto, name)}.nii.gz"
         outputs.append(write_label(value, staging / file, description=description).name)
     seg_info: dict[str, Any] = {}
     if dicom_seg:
@@ -535,6 +565,7 @@ def run_pipeline(
     rank: int | None = None,
     world_size: int | None = None,
     store_demo: bool = False,
+    naming: OutputNaming | None = None,
 ) -> dict:
     """Segment this process's share of ``cases``; returns (and writes) the summary.
 
@@ -554,6 +585,7 @@ def run_pipeline(
         min_slices: fewest slices of a usable series (DICOMweb studies; see `discover_cases`).
         modalities: the image modalities the model segments (a bundle's metadata says which).
         rank, world_size: default to `rank_and_world`.
+        naming: how outputs are named (`OutputNaming`; a bundle's: `monai_sam.bundle.output_naming`).
 
     Returns:
         The summary: counts and one entry per case of this process (status done / skipped /
@@ -604,7 +636,7 @@ def run_pipeline(
     started = time.time()
     bar = tqdm(mine, desc=f"{tag}segment", unit="case", disable=len(mine) < 2)
     for case in bar:
-        stem = output_stem(case, auto)
+        stem = output_stem(case, auto, naming)
         entry: dict[str, Any] = {"case": case.name, "source": case.source}
         if not overwrite and _is_done(output_dir, stem, dicom_seg):
             entry.update(status="skipped", record=str(_record_path(output_dir, stem)))
@@ -634,6 +666,7 @@ def run_pipeline(
                 store=store,
                 min_slices=min_slices,
                 store_demo=store_demo,
+                naming=naming,
             )
             record["seconds"] = round(time.time() - t0, 2)
             record["finished"] = datetime.datetime.now().isoformat(timespec="seconds")

@@ -32,24 +32,30 @@ def _np(x: Any) -> np.ndarray:
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
-def intensity_transform(window: str | None, image: MetaTensor) -> Callable | None:
-    """The intensity step for ``window``.
+def intensity_transform(window: str | None, image: MetaTensor | None = None) -> Callable | None:
+    """The intensity step for ``window`` (the one place a name becomes a transform: the CLI, the
+    pipeline, MONAI Label and the automatic prompters all use it).
 
     ``"auto"``: the abdomen CT window for CT (DICOM modality CT, or a NIfTI whose minimum is
-    below -200, i.e. Hounsfield units), MR percentile scaling otherwise. A CT preset name
-    (``"abdomen"``, ``"liver"``, ``"bone"``... see `monai_sam.transforms.CT_WINDOWS`),
-    ``"mr"`` for MR percentiles, or None for an image already in ``[0, 1]``.
+    below -200, i.e. Hounsfield units), MR percentile scaling otherwise (needs ``image``). A CT
+    preset name (``"abdomen"``, ``"liver"``, ``"bone"``... see `monai_sam.transforms.CT_WINDOWS`),
+    ``"mr"`` (or ``"mr_percentiles"``) for MR percentiles, or None for an image already in
+    ``[0, 1]`` (returns None).
     """
     from monai_sam.transforms import CT_WINDOWS, CTWindow, MRPercentileScale
 
     if window is None or str(window).lower() == "none":
+        if image is None:
+            return None
         lo, hi = float(image.min()), float(image.max())
         if lo < -1e-3 or hi > 1 + 1e-3:
             logger.warning(
                 "window=None but intensities span [%.1f, %.1f], not [0, 1]: SAM will see them clipped", lo, hi
             )
         return None
-    name = str(window).lower()
+    name = str(window).strip().lower()
+    if name == "auto" and image is None:
+        raise ValueError("window='auto' chooses from the image: give the image too")
     if name == "auto":
         modality = str(image.meta.get("modality", "")).upper()
         if modality == "CT" or (modality != "MR" and float(image.min()) < -200.0):
@@ -57,7 +63,7 @@ def intensity_transform(window: str | None, image: MetaTensor) -> Callable | Non
         else:
             name = "mr"
         logger.info("intensity: %s (window='auto', modality %s)", name, modality or "unknown")
-    if name == "mr":
+    if name in ("mr", "mr_percentiles"):
         return MRPercentileScale()
     if name in CT_WINDOWS:
         return CTWindow(preset=name)

@@ -10,9 +10,10 @@ from monai.losses import DiceCELoss
 
 from monai_sam.data import make_phantom
 from monai_sam.engines.checkpoint import trained_weights
-from monai_sam.inferers import AutoPromptd, AutoPrompter, MemoryPropagationInferer, intensity_transform
+from monai_sam.inferers import AutoPromptd, AutoPrompter, MemoryPropagationInferer
 from monai_sam.networks import PromptFreeSamSegmenter, Sam2VolumeSegmenter, build_sam2_model
 from monai_sam.prompts import ObjectPrompts, PromptError, validate_prompts
+from monai_sam.segment import intensity_transform
 from monai_sam.transforms import SamInput, box_from_mask
 
 SIZE = 128

@@ -15,6 +15,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import test_bundle_autosam_cardiac as cardiac
 import test_bundle_ct_organs as organs
 import test_bundle_liver_tumor as liver
 import torch
@@ -30,7 +31,25 @@ pytestmark = pytest.mark.slow
 BUNDLES = {
     "sam2_ct_abdominal_organs": (organs, ["seg"]),
     "sam2_ct_liver_tumor": (liver, ["seg", "objects"]),
+    "autosam_mri_cardiac": (cardiac, ["seg_auto"]),  # prompt-free: segment --auto
 }
+PREPROCESSING = {"autosam_mri_cardiac": "mr_percentiles"}
+
+
+def _models_dir(bundle: Path, overrides: dict) -> Path:
+    """The bundle's ckpt_dir (the cardiac bundle keeps one per head and labeled budget)."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(bundle / "configs" / "train.yaml"))
+    parser.update({k: v for k, v in overrides.items() if k != "bundle_root"})
+    parser["bundle_root"] = str(bundle)
+    return Path(parser.get_parsed_content("ckpt_dir"))
+
+
+def _encoder_state(network) -> dict:
+    """The frozen encoder's tensors under the official file's names (``image_encoder.*``)."""
+    return network.model.state_dict() if hasattr(network, "model") else network.state_dict()
 
 
 def _workflow(module, configs, kind, **overrides) -> ConfigWorkflow:
@@ -69,8 +88,8 @@ def _liver_prompt_file(label_path: Path, out: Path) -> None:
 
 
 def test_training_records_the_frozen_encoder(trained):
-    _, _, _, base, ckpt, overrides = trained
-    record = read_model_record(base / "bundle" / "models")
+    name, _, _, base, ckpt, overrides = trained
+    record = read_model_record(_models_dir(base / "bundle", overrides))
     assert record is not None, "training writes models/model_record.json"
     assert (record.model_size, record.image_size) == ("sam2.1_hiera_t", overrides["image_size"])
     assert record.checkpoint == ckpt.name
@@ -78,13 +97,13 @@ def test_training_records_the_frozen_encoder(trained):
 
     assert record.checkpoint_sha256 == hashlib.sha256(ckpt.read_bytes()).hexdigest()
     assert record.label_names and all(isinstance(k, int) for k in record.label_names)
-    assert "window" in record.preprocessing
+    assert PREPROCESSING.get(name, "window") in record.preprocessing
 
 
 def test_the_official_weights_reach_the_network(trained):
-    _, _, _, base, ckpt, _ = trained
-    model = load_bundle_model(base / "bundle", checkpoint=ckpt, device="cpu")
-    got = weights_digest(model.network.model.state_dict())
+    name, _, _, base, ckpt, _ = trained
+    model = load_bundle_model(base / "bundle", checkpoint=ckpt, device="cpu", need_auto=name in PREPROCESSING)
+    got = weights_digest(_encoder_state(model.network))
     assert got == checkpoint_digest(ckpt)
     default = base_checkpoint(base / "default_init.pt", seed=0)  # what no checkpoint would give
     assert got != checkpoint_digest(default)
@@ -105,13 +124,14 @@ def test_bundle_inference_and_segment_give_the_same_files(trained, tmp_path):
         for case in cases:
             _liver_prompt_file(data / "labelsTr" / case.name, prompts / case.name.replace(".nii.gz", ".json"))
     run = {k: v for k, v in overrides.items() if k != "image_size"}  # the record gives it
+    if name not in PREPROCESSING:
+        run["prompt_dir"] = str(prompts)
     # inference.yaml on its own, as model-zoo bundles run it
     _workflow(module, str(module.CONFIGS / "inference.yaml"), "infer",
-              **run, input_dir=str(inputs), prompt_dir=str(prompts),
-              inference_output_dir=str(tmp_path / "bundle_out")).run()
-    rc = cli_main(["segment", "--input", str(inputs), "--bundle", str(base / "bundle"),
-                   "--checkpoint", str(ckpt), "--prompts", str(prompts), "--output", str(tmp_path / "cli_out"),
-                   "--device", "cpu"])
+              **run, input_dir=str(inputs), inference_output_dir=str(tmp_path / "bundle_out")).run()
+    how = ["--auto"] if name in PREPROCESSING else ["--prompts", str(prompts)]
+    rc = cli_main(["segment", "--input", str(inputs), "--bundle", str(base / "bundle"), "--checkpoint", str(ckpt),
+                   *how, "--output", str(tmp_path / "cli_out"), "--device", "cpu"])
     assert rc == 0
     for case in cases:
         stem = case.name.removesuffix(".nii.gz")
@@ -126,22 +146,23 @@ def test_bundle_inference_and_segment_give_the_same_files(trained, tmp_path):
         seg = np.asarray(nib.load(tmp_path / "cli_out" / f"{stem}_seg.nii.gz").dataobj)
         objects = np.asarray(nib.load(tmp_path / "cli_out" / f"{stem}_objects.nii.gz").dataobj)
         assert set(np.unique(seg)) <= {0, 1, 2} and (objects >= 100).any() == (seg == 2).any()
-    record = json.loads((tmp_path / "cli_out" / f"{stem}_seg.json").read_text())
+    record = json.loads((tmp_path / "cli_out" / f"{stem}_{outputs[0]}.json").read_text())
     assert [f"{stem}_{o}.nii.gz" for o in outputs] == [o for o in record["outputs"] if o.endswith(".nii.gz")]
 
 
 def test_another_encoder_is_refused_naming_the_setting(trained, tmp_path):
-    _, module, _, base, ckpt, overrides = trained
+    name, module, _, base, ckpt, overrides = trained
+    auto = name in PREPROCESSING
     other = base_checkpoint(tmp_path / "sam2.1_hiera_tiny.pt", seed=99)  # same name, other weights
     with pytest.raises(BundleError, match="weights: .*SHA-256"):
-        load_bundle_model(base / "bundle", checkpoint=other, device="cpu")
+        load_bundle_model(base / "bundle", checkpoint=other, device="cpu", need_auto=auto)
     with pytest.raises(BundleError, match="weights: no checkpoint given"):
-        load_bundle_model(base / "bundle", device="cpu", demo=True)
+        load_bundle_model(base / "bundle", device="cpu", demo=True, need_auto=auto)
     with pytest.raises(RuntimeError) as info:  # MONAI wraps what a config expression raises
         _workflow(module, [module.TRAIN, str(module.CONFIGS / "inference.yaml")], "infer",
                   **{**overrides, "image_size": 64}).run()
     assert "image size 64 px (trained at 128 px)" in str(info.value.__cause__)
-    assert torch.load(base / "bundle" / "models" / "model.pt", weights_only=True)  # left intact
+    assert torch.load(_models_dir(base / "bundle", overrides) / "model.pt", weights_only=True)  # left intact
 
 
 def test_monai_checkpoint_loader_loads_model_pt_into_network_def(trained):
@@ -157,15 +178,16 @@ def test_monai_checkpoint_loader_loads_model_pt_into_network_def(trained):
     parser.read_config(module.TRAIN)
     parser.update({**overrides, "device": "$torch.device('cpu')"})
     network = parser.get_parsed_content("network_def")
-    state = torch.load(base / "bundle" / "models" / "model.pt", map_location="cpu", weights_only=True)
+    model_pt = _models_dir(base / "bundle", overrides) / "model.pt"
+    state = torch.load(model_pt, map_location="cpu", weights_only=True)
     state = state.get("model", state)  # ignite saves a lone object unwrapped
-    trained_parts = trained_weights(state)
-    name = next(k for k in trained_parts if "mask_decoder" in k)
-    before = network.state_dict()["model." + name].clone()
-    assert not torch.equal(before, trained_parts[name]), "the fresh network starts elsewhere"
-    CheckpointLoader(load_path=str(base / "bundle" / "models" / "model.pt"), load_dict={"model": network},
+    key = next(k for k in state if "mask_decoder" in k or k.startswith("head."))  # as network_def names it
+    before = network.state_dict()[key].clone()
+    assert not torch.equal(before, state[key]), "the fresh network starts elsewhere"
+    assert trained_weights(state), "trained parts are in the file"
+    CheckpointLoader(load_path=str(model_pt), load_dict={"model": network},
                      strict=False, map_location="cpu")(Engine(lambda engine, batch: None))
-    assert torch.equal(network.state_dict()["model." + name], trained_parts[name])
+    assert torch.equal(network.state_dict()[key], state[key])
 
 
 def test_a_bare_checkpoint_reaches_the_network_of_segment(tmp_path):

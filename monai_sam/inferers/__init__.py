@@ -1,6 +1,7 @@
 """Inferers: memory propagation through a volume (promptable SAM2); prompt-free slice-wise
 inference and automatic prompts from a prompt-free head."""
 
+from .auto_prompt import AutoPromptd, AutoPrompter
 from .memory_propagation import (
     LabelAccumulator,
     MemoryPropagationInferer,
@@ -9,7 +10,6 @@ from .memory_propagation import (
     propagate_to_label,
 )
 from .slice_inference import PromptFreeSliceInferer
-from .auto_prompt import AutoPromptd, AutoPrompter, intensity_transform
 
 __all__ = [
     "MemoryPropagationInferer",
@@ -20,5 +20,4 @@ __all__ = [
     "PromptFreeSliceInferer",
     "AutoPrompter",
     "AutoPromptd",
-    "intensity_transform",
 ]

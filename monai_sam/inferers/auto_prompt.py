@@ -29,29 +29,13 @@ from scipy import ndimage
 from monai_sam.inferers.slice_inference import PromptFreeSliceInferer
 from monai_sam.networks.prompt_free import PromptFreeSamSegmenter
 from monai_sam.prompts import ObjectPrompts, PromptError, SlicePrompt
-from monai_sam.transforms.intensity import CT_WINDOWS, CTWindow, MRPercentileScale
 from monai_sam.transforms.prompts import box_from_mask
 
-__all__ = ["AutoPrompter", "AutoPromptd", "intensity_transform"]
+__all__ = ["AutoPrompter", "AutoPromptd"]
 
 logger = logging.getLogger(__name__)
 
 UNTRAINED_WARNING = "auto-prompter without a trained head checkpoint: prompts are random (demo only)"
-
-
-def intensity_transform(intensity: str | Callable | None) -> Callable:
-    """The ``[0, 1]`` scaling for a name: a CT window preset (``"abdomen"``...), ``"mr"``
-    (0.5-99.5 percentiles) or ``None`` (already in ``[0, 1]``); a callable is used as is."""
-    if callable(intensity):
-        return intensity
-    if intensity is None:
-        return lambda x: x
-    name = str(intensity).strip().lower()
-    if name in CT_WINDOWS:
-        return CTWindow(name)
-    if name in ("mr", "mr_percentiles"):
-        return MRPercentileScale()
-    raise ValueError(f"unknown intensity {intensity!r}: a CT window ({', '.join(CT_WINDOWS)}), 'mr' or None")
 
 
 def _largest_component(mask: np.ndarray) -> np.ndarray:
@@ -127,7 +111,11 @@ class AutoPrompter:
         if unknown:
             raise ValueError(f"object_ids {unknown} are not classes of the head ({segmenter.object_ids})")
         self.segmenter = segmenter
-        self.intensity = intensity_transform(intensity)
+        if not callable(intensity):
+            from monai_sam.segment import intensity_transform
+
+            intensity = intensity_transform(intensity) or (lambda x: x)  # None: already in [0, 1]
+        self.intensity = intensity
         self.object_ids = ids
         self.key_slices = key_slices
         self.num_key_slices = int(num_key_slices)

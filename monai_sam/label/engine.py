@@ -181,7 +181,7 @@ class Sam2LabelEngine:
 
     def auto_prompter(self) -> Callable:
         """The bundle's ``auto_prompter`` (trained with the bundle's weights when it has them)."""
-        from monai_sam.label.config import bundle_parser
+        from monai_sam.bundle import bundle_parser
 
         model = self.model()
         if model.auto_prompter is not None:
