@@ -13,10 +13,10 @@ import numpy as np
 import pydicom
 import pytest
 import torch
-import yaml
-from helpers_dicom_pipeline import REPO, dciodvfy_errors
+from helpers_dicom_pipeline import dciodvfy_errors
 from monai.data import MetaTensor
 
+from monai_sam.data.datalist import list_label_maps, load_label_map
 from monai_sam.data.loading import load_volume
 from monai_sam.data.phantom import make_phantom
 from monai_sam.io.dicom import check_series, select_series, write_dicom_series
@@ -150,12 +150,12 @@ def test_segments_carry_snomed_codes(written):
 def test_every_label_map_name_has_a_code():
     """The organs and tumors of our label maps are all coded (not the generic 'Tissue')."""
     missing = []
-    for path in sorted((REPO / "configs" / "label_maps").glob("*.yaml")):
-        if path.stem == "refuge":  # 2D fundus photographs: no DICOM series to segment
+    for map_name in list_label_maps():
+        if map_name == "refuge":  # 2D fundus photographs: no DICOM series to segment
             continue
-        for name in yaml.safe_load(path.read_text())["labels"].values():
+        for name in load_label_map(map_name).values():
             if name != "background" and not segment_code(name).known:
-                missing.append(f"{path.name}: {name}")
+                missing.append(f"{map_name}: {name}")
     assert missing == []
     unknown = segment_code("banana")
     assert not unknown.known and unknown.type.meaning == "Tissue"

@@ -21,7 +21,12 @@ import random
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from monai_sam.resources import resource
+
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
 
 logger = logging.getLogger(__name__)
 
@@ -402,33 +407,34 @@ def split_datalist(
 
 
 # --------------------------------------------------------------------------------------------
-# Label maps (configs/label_maps/*.yaml)
+# Label maps (monai_sam/resources/label_maps/*.yaml, package data)
 # --------------------------------------------------------------------------------------------
 
 
-def label_map_dir() -> Path:
-    """``configs/label_maps`` of the repository holding this (editable-installed) package."""
-    return Path(__file__).resolve().parents[2] / "configs" / "label_maps"
+def label_map_dir() -> Traversable:
+    """``monai_sam/resources/label_maps``, read through `importlib.resources` (any install)."""
+    return resource("label_maps")
 
 
 def list_label_maps() -> list[str]:
-    """Names of the label maps shipped in ``configs/label_maps``."""
+    """Names of the label maps shipped in ``monai_sam/resources/label_maps``."""
     folder = label_map_dir()
     if not folder.is_dir():
         return []
-    return sorted(p.stem for p in folder.glob("*.yaml"))
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
 def load_label_map(name_or_path: str | Path) -> dict[int, str]:
     """``{label id: name}`` from a label-map YAML (``labels: {0: background, 1: liver}``).
 
     Args:
-        name_or_path: a map name (``"btcv"`` -> ``configs/label_maps/btcv.yaml`` of the
-            repository) or a path to a YAML file.
+        name_or_path: a map name (``"btcv"`` -> ``monai_sam/resources/label_maps/btcv.yaml``,
+            shipped with the package) or a path to a YAML file.
     """
     import yaml
 
     candidate = Path(name_or_path)
+    path: Path | Traversable
     if candidate.suffix.lower() in (".yaml", ".yml") or candidate.is_file():
         path = candidate
         if not path.is_file():
@@ -440,7 +446,7 @@ def load_label_map(name_or_path: str | Path) -> dict[int, str]:
                 f"unknown label map {str(name_or_path)!r}: no {path}; available: "
                 f"{list_label_maps() or 'none'} (or pass a path to a YAML file)"
             )
-    with open(path, encoding="utf-8") as f:
+    with path.open(encoding="utf-8") as f:
         content = yaml.safe_load(f)
     labels = content.get("labels") if isinstance(content, dict) else None
     if not isinstance(labels, dict) or not labels:

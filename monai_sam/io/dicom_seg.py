@@ -2,7 +2,7 @@
 
 `write_dicom_seg` turns a label map (any orientation, with its RAS affine) into a SEG that
 references every slice of the source series and its frame of reference: one segment per
-label with its name and SNOMED-CT coded category and type (``configs/snomed_segments.yaml``),
+label with its name and SNOMED-CT coded category and type (``monai_sam/resources/snomed_segments.yaml``),
 and the algorithm that made it (model name, version, checkpoint hash, prompt source). PACS
 viewers then overlay it on the series. `read_dicom_seg` reads one back onto the grid of the
 source series as loaded by `monai_sam.data.load_volume`, so a round trip can be checked voxel
@@ -33,6 +33,7 @@ import yaml
 
 from monai_sam.demo import DEMO_CONTENT_LABEL, DEMO_TEXT
 from monai_sam.io.dicom_series import DicomSeries, check_series
+from monai_sam.resources import resource
 
 __all__ = [
     "AlgorithmInfo",
@@ -57,17 +58,23 @@ class DicomSegError(ValueError):
     """A label that cannot be written as (or a file that is not) a SEG of the given series."""
 
 
-def _snomed_table_path() -> Path:
-    """``configs/snomed_segments.yaml`` of the repository holding this (editable-installed) package."""
-    return Path(__file__).resolve().parents[2] / "configs" / "snomed_segments.yaml"
+#: The segment-code table shipped with the package (package data, any install).
+SNOMED_TABLE = "snomed_segments.yaml"
+
+
+def _table_name(table: str | os.PathLike | None) -> str:
+    """The table file a message should name: ``table`` or the packaged one."""
+    return str(table) if table else str(resource(SNOMED_TABLE))
 
 
 @functools.lru_cache(maxsize=4)
-def _snomed_table(path: str) -> dict[str, Any]:
-    with open(path) as fp:
+def _snomed_table(path: str | None) -> dict[str, Any]:
+    """The segment-code table at ``path``, or the packaged ``monai_sam/resources/snomed_segments.yaml``."""
+    source = resource(SNOMED_TABLE) if path is None else Path(path)
+    with source.open(encoding="utf-8") as fp:
         table = yaml.safe_load(fp)
     if not isinstance(table, dict) or "segments" not in table or "default" not in table:
-        raise ValueError(f"{path}: expected the keys 'default' and 'segments'")
+        raise ValueError(f"{source}: expected the keys 'default' and 'segments'")
     return table
 
 
@@ -89,14 +96,14 @@ def _normalise(name: str) -> str:
 def segment_code(name: str, table: str | os.PathLike | None = None) -> SegmentCode:
     """The SNOMED-CT codes of a label name (``"liver"``, ``"kidney_left"``, ``"liver_tumor"``...).
 
-    Names are looked up in ``configs/snomed_segments.yaml`` (or ``table``); the codes come from
+    Names are looked up in ``monai_sam/resources/snomed_segments.yaml`` (or ``table``); the codes come from
     pydicom's code dictionary (``codes.cid7150`` categories, ``codes.SCT`` types). An unknown
     name gets category Tissue / type Tissue (``known=False``).
     """
     from pydicom.sr.codedict import codes
 
-    path = str(table or _snomed_table_path())
-    spec = _snomed_table(path)
+    spec = _snomed_table(str(table) if table else None)
+    path = _table_name(table)
     entry = spec["segments"].get(_normalise(name))
     known = entry is not None
     entry = entry or spec["default"]
@@ -284,7 +291,9 @@ def _describe(
     code = segment_code(name, table)
     if not code.known:
         logger.warning(
-            "no SNOMED-CT code known for segment %r (configs/snomed_segments.yaml): written as Tissue", name
+            "no SNOMED-CT code known for segment %r (%s): written as Tissue",
+            name,
+            _table_name(table),
         )
     desc = hd.seg.SegmentDescription(
         segment_number=number,
@@ -355,7 +364,7 @@ def write_dicom_seg(
         probabilities: optional ``(N, X, Y, Z)`` per-segment probabilities in ``[0, 1]`` (same
             order as ``label_names``): then a FRACTIONAL (probability) SEG is written instead.
         series_number: SeriesNumber of the new SEG series.
-        snomed_table: another segment-code table than ``configs/snomed_segments.yaml``.
+        snomed_table: another segment-code table than ``monai_sam/resources/snomed_segments.yaml``.
 
     Raises:
         DicomSegError: the label is not on the series' grid, or holds values not in ``label_names``.

@@ -4,8 +4,9 @@
 
 ============================  =============================================================
 ``bundle``                    bundle folder whose weights, labels and train workflow the app
-                              uses (default: ``bundles/sam2_ct_abdominal_organs`` of this
-                              repository; ``none`` for no bundle)
+                              uses (default: ``bundles/sam2_ct_abdominal_organs`` of the
+                              source checkout the package is imported from, an error when
+                              installed; ``none`` for no bundle)
 ``checkpoint``                official SAM2 ``.pt``: the bundle's frozen encoder, or the whole
                               model when the bundle has no trained ``models/model.pt``
 ``model_size``, ``image_size`` override the bundle's (official weights: ``image_size 1024``)
@@ -30,13 +31,12 @@ from pathlib import Path
 from typing import Any
 
 from monai_sam.label.engine import LabelModelSettings
+from monai_sam.resources import default_bundle
 
-__all__ = ["DEFAULT_BUNDLE", "KNOWN_KEYS", "bundle_parser", "settings_from_conf"]
+__all__ = ["KNOWN_KEYS", "bundle_parser", "settings_from_conf"]
 
 logger = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[2]
-DEFAULT_BUNDLE = REPO / "bundles" / "sam2_ct_abdominal_organs"
 KNOWN_KEYS = {
     "bundle",
     "checkpoint",
@@ -106,7 +106,7 @@ def settings_from_conf(conf: Mapping[str, str]) -> LabelModelSettings:
         if not (bundle / "configs").is_dir():
             raise ValueError(f"--conf bundle {bundle_text}: no configs/ folder there (not a bundle)")
     else:
-        bundle = DEFAULT_BUNDLE if (DEFAULT_BUNDLE / "configs").is_dir() else None
+        bundle = default_bundle()  # the checkout's; raises when the package is installed
 
     s = LabelModelSettings(bundle=bundle)
     if bundle is not None:
