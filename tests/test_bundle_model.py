@@ -203,14 +203,18 @@ def test_a_bare_checkpoint_reaches_the_network_of_segment(tmp_path):
     assert not model.demo and model.outputs == {"pred": "seg"} and not model.postprocessing_steps
 
 
-@pytest.mark.parametrize("name", ["autosam_mri_cardiac", "sam2_fundus_optic_disc_cup"])
-def test_bundles_that_are_not_promptable_volume_networks_are_refused_clearly(tmp_path, name):
-    bundle = tmp_path / name
-    shutil.copytree(organs.REPO / "bundles" / name / "configs", bundle / "configs")
+def test_bundles_that_are_not_promptable_volume_networks_are_refused_clearly(tmp_path, caplog):
+    """The 2D photograph bundle is not a volume model; the prompt-free one takes no prompt file."""
+    import logging
+
+    bundle = tmp_path / "sam2_fundus_optic_disc_cup"
+    shutil.copytree(organs.REPO / "bundles" / bundle.name / "configs", bundle / "configs")
     (bundle / "models").mkdir()
     (bundle / "models" / "model.pt").write_bytes(b"")  # past the "no trained weights" check
-    ckpt_dir = bundle / "models" / ("autosam_labeled_all" if name == "autosam_mri_cardiac" else "")
-    ckpt_dir.mkdir(exist_ok=True)
-    (ckpt_dir / "model.pt").write_bytes(b"")
     with pytest.raises(BundleError, match="not a promptable SAM2 volume network.*run inference"):
         load_bundle_model(bundle, device="cpu", demo=True)
+    cardiac_bundle = organs.REPO / "bundles" / "autosam_mri_cardiac"
+    with caplog.at_level(logging.ERROR, logger="monai_sam"):
+        rc = cli_main(["segment", "--input", str(tmp_path), "--bundle", str(cardiac_bundle), "--prompts",
+                       str(tmp_path), "--output", str(tmp_path / "out"), "--demo"])
+    assert rc == 2 and "prompt-free: use --auto" in caplog.text

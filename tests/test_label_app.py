@@ -453,9 +453,10 @@ def test_automatic_task_with_the_ct_bundles_prompt_free_head(tmp_path, studies, 
     configs = bundle / "configs"
     if not (configs / "train_autoprompt_head.yaml").is_file():
         pytest.skip("the CT bundle has no prompt-free head config (train_autoprompt_head.yaml)")
-    # untrained parts saved the way training saves them (stamped with the frozen encoder)
+    # untrained parts saved the way training saves them (stamped with the frozen encoder, the
+    # model record beside them)
     for files, target in (
-        (["train.yaml", "inference.yaml"], bundle / "models" / "model.pt"),
+        (["train.yaml"], bundle / "models" / "model.pt"),
         (["train.yaml", "train_autoprompt_head.yaml"], bundle / "models" / "autoprompt_head" / "model.pt"),
     ):
         parser = ConfigParser()
@@ -466,6 +467,7 @@ def test_automatic_task_with_the_ct_bundles_prompt_free_head(tmp_path, studies, 
         torch.manual_seed(1)
         target.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"model": parser.get_parsed_content("trainable_checkpoint").state_dict()}, target)
+        parser.get_parsed_content("train#model_record")(None)
 
     app = MonaiSamLabelApp(
         str(tmp_path / "app"), str(root), {"bundle": str(bundle), "checkpoint": str(checkpoint)}

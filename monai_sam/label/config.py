@@ -33,7 +33,7 @@ from typing import Any
 from monai_sam.label.engine import LabelModelSettings
 from monai_sam.resources import default_bundle
 
-__all__ = ["KNOWN_KEYS", "bundle_parser", "settings_from_conf"]
+__all__ = ["KNOWN_KEYS", "settings_from_conf"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,20 +53,6 @@ KNOWN_KEYS = {
 }
 # keys MONAI Label itself puts in an app's conf
 _MONAILABEL_KEYS = {"server_mode", "preload", "models", "skip_trainers", "skip_strategies", "skip_scoring"}
-
-
-def bundle_parser(bundle: Path) -> Any:
-    """A ``ConfigParser`` over the bundle's train.yaml + inference.yaml with ``bundle_root`` set."""
-    from monai.bundle import ConfigParser
-
-    configs = Path(bundle) / "configs"
-    files = [f for f in (configs / "train.yaml", configs / "inference.yaml") if f.is_file()]
-    if not (configs / "inference.yaml").is_file():
-        raise ValueError(f"bundle {bundle}: no configs/inference.yaml (is it a MONAI bundle folder?)")
-    parser = ConfigParser()
-    parser.read_config([str(f) for f in files])
-    parser["bundle_root"] = str(Path(bundle).resolve())
-    return parser
 
 
 def _parse_labels(text: str) -> dict[int, str]:
@@ -110,11 +96,17 @@ def settings_from_conf(conf: Mapping[str, str]) -> LabelModelSettings:
 
     s = LabelModelSettings(bundle=bundle)
     if bundle is not None:
+        from monai_sam.bundle import bundle_parser  # the same parse as the CLI's
+
         p = bundle_parser(bundle)
+        # model size, image size and window come through inference.yaml from the model record
         for key in ("model_size", "image_size", "window", "checkpoint"):
             if p.get(key) is not None:
                 setattr(s, key, p.get_parsed_content(key))
-        if p.get("label_names") is not None:
+        record = p.get_parsed_content("model_record") if p.get("model_record") is not None else None
+        if record is not None:  # the labels the trained parts predict: what /info shows
+            s.label_names = dict(record.label_names)
+        elif p.get("label_names") is not None:
             s.label_names = {int(k): str(v) for k, v in p.get_parsed_content("label_names").items()}
         s.has_auto_prompter = p.get("auto_prompter") is not None
 
