@@ -249,7 +249,7 @@ def load_bundle_model(
         else None
     )
     # built only when asked for: an automatic prompter has its own network and weights
-    auto = parser.get_parsed_content("auto_prompter") if need_auto else None
+    auto = parser.get_parsed_content("auto_prompter") if need_auto and not prompt_free else None
     logger.info(
         "bundle %s: trained parts from %s, frozen encoder from %s",
         bundle_dir,

@@ -68,7 +68,8 @@ def intensity_transform(window: str | None, image: MetaTensor | None = None) -> 
     if name in CT_WINDOWS:
         return CTWindow(preset=name)
     raise ValueError(
-        f"unknown window {window!r}; use 'auto', 'mr', None or a CT preset: {sorted(CT_WINDOWS)}"
+        f"unknown intensity (window) {window!r}; use 'auto', 'mr', None or a CT preset: "
+        f"{sorted(CT_WINDOWS)}"
     )
 
 
