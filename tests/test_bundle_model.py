@@ -127,8 +127,10 @@ def test_bundle_inference_and_segment_give_the_same_files(trained, tmp_path):
     if name not in PREPROCESSING:
         run["prompt_dir"] = str(prompts)
     # inference.yaml on its own, as model-zoo bundles run it
-    _workflow(module, str(module.CONFIGS / "inference.yaml"), "infer",
-              **run, input_dir=str(inputs), inference_output_dir=str(tmp_path / "bundle_out")).run()
+    wf = _workflow(module, str(module.CONFIGS / "inference.yaml"), "infer",
+                   **run, input_dir=str(inputs), inference_output_dir=str(tmp_path / "bundle_out"))
+    wf.run()
+    assert weights_digest(_encoder_state(wf.parser.get_parsed_content("network"))) == checkpoint_digest(ckpt)
     how = ["--auto"] if name in PREPROCESSING else ["--prompts", str(prompts)]
     rc = cli_main(["segment", "--input", str(inputs), "--bundle", str(base / "bundle"), "--checkpoint", str(ckpt),
                    *how, "--output", str(tmp_path / "cli_out"), "--device", "cpu"])
@@ -148,6 +150,16 @@ def test_bundle_inference_and_segment_give_the_same_files(trained, tmp_path):
         assert set(np.unique(seg)) <= {0, 1, 2} and (objects >= 100).any() == (seg == 2).any()
     record = json.loads((tmp_path / "cli_out" / f"{stem}_{outputs[0]}.json").read_text())
     assert [f"{stem}_{o}.nii.gz" for o in outputs] == [o for o in record["outputs"] if o.endswith(".nii.gz")]
+
+
+def test_evaluation_runs_on_the_official_weights(trained, tmp_path):
+    """evaluate.yaml over train.yaml: the record's encoder, the file's weights, per-class tables."""
+    _, module, _, base, ckpt, overrides = trained
+    run = {k: v for k, v in overrides.items() if k != "image_size"}
+    wf = _workflow(module, module.EVALUATE, "eval", **run, output_dir=str(tmp_path / "eval"))
+    wf.run()
+    assert weights_digest(_encoder_state(wf.parser.get_parsed_content("network"))) == checkpoint_digest(ckpt)
+    assert list((tmp_path / "eval").rglob("metrics_summary.csv"))
 
 
 def test_another_encoder_is_refused_naming_the_setting(trained, tmp_path):
