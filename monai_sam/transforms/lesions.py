@@ -220,13 +220,24 @@ class MergeLesionsd(MapTransform):
 
 
 class _LesionNames:
-    """Names the lesion objects of a prompt transform's output ``"<lesion_name>_<k>"``."""
+    """Adds lesion naming to a prompt transform: objects ``>= first_id`` of its output are named
+    ``"<lesion_name>_<k>"`` (k from 1); ``shared_key_slices`` is False by default (lesions lie at
+    different heights, and a box on one slice must carry through *that* lesion)."""
 
-    first_id: int
-    lesion_name: str
-    prompt_key: str
+    def __init__(
+        self,
+        *,
+        first_id: int = FIRST_LESION_ID,
+        lesion_name: str = "lesion",
+        shared_key_slices: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(shared_key_slices=shared_key_slices, **kwargs)
+        self.first_id = int(first_id)
+        self.lesion_name = str(lesion_name)
 
-    def _name_lesions(self, d: dict[Hashable, Any]) -> dict[Hashable, Any]:
+    def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, Any]:
+        d = super().__call__(data)
         for obj in d.get(self.prompt_key, []):
             if obj.object_id >= self.first_id and not obj.name:
                 obj.name = f"{self.lesion_name}_{obj.object_id - self.first_id + 1}"
@@ -236,30 +247,11 @@ class _LesionNames:
 class RandLesionPromptsd(_LesionNames, RandPromptFromLabeld):
     """`RandPromptFromLabeld` on an object map, one prompt set per lesion, lesions named (training).
 
-    Each lesion is its own object with its own key slice(s) (``shared_key_slices`` is False by
-    default here: lesions lie at different heights, and a box on one slice must carry through
-    *that* lesion), so the memory network propagates each lesion from where it was prompted.
-    Objects ``>= first_id`` are named ``"<lesion_name>_<k>"`` (k from 1); organs take their
-    names from ``label_names``. Every other argument is `RandPromptFromLabeld`'s.
+    Each lesion is its own object with its own key slice(s), so the memory network propagates
+    each lesion from where it was prompted. Keyword arguments: ``first_id``, ``lesion_name``,
+    ``shared_key_slices`` (default False) and every one of `RandPromptFromLabeld`'s; organs take
+    their names from ``label_names``.
     """
-
-    def __init__(
-        self,
-        label_key: str = "label",
-        prompt_key: str = "prompts",
-        first_id: int = FIRST_LESION_ID,
-        lesion_name: str = "lesion",
-        shared_key_slices: bool = False,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(
-            label_key=label_key, prompt_key=prompt_key, shared_key_slices=shared_key_slices, **kwargs
-        )
-        self.first_id = int(first_id)
-        self.lesion_name = str(lesion_name)
-
-    def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, Any]:
-        return self._name_lesions(super().__call__(data))
 
 
 class LesionPromptsd(_LesionNames, PromptFromLabelBase):
@@ -272,32 +264,16 @@ class LesionPromptsd(_LesionNames, PromptFromLabelBase):
     """
 
     def __init__(
-        self,
-        label_key: str = "label",
-        prompt_key: str = "prompts",
-        first_id: int = FIRST_LESION_ID,
-        lesion_name: str = "lesion",
-        shared_key_slices: bool = False,
-        key_slices: str | int = "largest",
-        mode_probs: Mapping[str, float] | None = None,
-        **kwargs: Any,
+        self, key_slices: str | int = "largest", mode_probs: Mapping[str, float] | None = None, **kwargs: Any
     ) -> None:
         if not kwargs.pop("deterministic", True):
             raise ValueError("LesionPromptsd is deterministic; use RandLesionPromptsd for random prompts")
         super().__init__(
-            label_key=label_key,
-            prompt_key=prompt_key,
-            shared_key_slices=shared_key_slices,
             key_slices=key_slices,
             mode_probs={"box": 1.0} if mode_probs is None else mode_probs,
             deterministic=True,
             **kwargs,
         )
-        self.first_id = int(first_id)
-        self.lesion_name = str(lesion_name)
-
-    def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, Any]:
-        return self._name_lesions(super().__call__(data))
 
 
 def _like(value: NdarrayOrTensor, objects: np.ndarray) -> NdarrayOrTensor:
