@@ -212,7 +212,7 @@ def load_bundle_model(
     is_demo = require_bundle_weights(parser, bundle_dir, demo)
     parser["device"] = f"$torch.device('{torch.device(device)}')"
     trained = bundle_trained_model(parser, bundle_dir)
-    record = parser.get_parsed_content("model_record") if parser.get("model_record") is not None else None
+    record = _parsed(parser, "model_record", None)
     base = parser.get_parsed_content("checkpoint") if parser.get("checkpoint") else None
     try:
         check_encoder(
@@ -238,11 +238,9 @@ def load_bundle_model(
     network = network.to(torch.device(device))
     network.eval()
     meta = parser.get("_meta_") or {}
-    if record is not None:
-        label_names = record.label_names  # what the trained parts predict
-    else:
-        label_names = parser.get_parsed_content("label_names") if parser.get("label_names") is not None else {}
-    window = parser.get_parsed_content("window") if parser.get("window") is not None else "auto"
+    # the labels the trained parts predict (the record's), else the configs'
+    label_names = record.label_names if record is not None else _parsed(parser, "label_names", {})
+    window = _parsed(parser, "window", "auto")
     modality = (
         meta.get("network_data_format", {}).get("inputs", {}).get("image", {}).get("modality")
         if isinstance(meta, dict)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import logging
 import os
 import tempfile
@@ -34,6 +33,7 @@ import yaml
 from monai_sam.demo import DEMO_CONTENT_LABEL, DEMO_TEXT
 from monai_sam.io.dicom_series import DicomSeries, check_series
 from monai_sam.resources import resource
+from monai_sam.utils import file_sha256  # re-exported: the SEG names checkpoints by it
 
 __all__ = [
     "AlgorithmInfo",
@@ -153,15 +153,6 @@ class AlgorithmInfo:
     def algorithm_type(self) -> str:
         # prompts drawn by a person make the result semi-automatic; a prompter makes it automatic
         return "AUTOMATIC" if self.prompt_source == "automatic" else "SEMIAUTOMATIC"
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file (checkpoints are identified by it in the SEG)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fp:
-        for block in iter(lambda: fp.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _software_version() -> str:
