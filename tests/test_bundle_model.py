@@ -230,3 +230,27 @@ def test_bundles_that_are_not_promptable_volume_networks_are_refused_clearly(tmp
         rc = cli_main(["segment", "--input", str(tmp_path), "--bundle", str(cardiac_bundle), "--prompts",
                        str(tmp_path), "--output", str(tmp_path / "out"), "--demo"])
     assert rc == 2 and "prompt-free: use --auto" in caplog.text
+
+
+def test_every_door_runs_the_decoder_output_training_taught(trained):
+    """The record says the trained model runs without SAM2's multimask fallback; each door obeys."""
+    name, module, _, base, ckpt, overrides = trained
+    record = read_model_record(_models_dir(base / "bundle", overrides))
+    if name == "autosam_mri_cardiac":  # a prompt-free head: no SAM2 prompt decoding to record
+        assert "multimask_fallback" not in record.inference
+        return
+    assert record.inference == {"multimask_fallback": False}
+    assert load_bundle_model(base / "bundle", checkpoint=ckpt, device="cpu").network.multimask_fallback is False
+    run = {k: v for k, v in overrides.items() if k != "image_size"}
+    for configs, kind in ((str(module.CONFIGS / "inference.yaml"), "infer"), (module.EVALUATE, "eval")):
+        wf = _workflow(module, configs, kind, **run)
+        assert wf.parser.get_parsed_content("network").multimask_fallback is False, kind
+    # a record written before the setting existed keeps SAM2's behaviour (what it was validated with)
+    path = _models_dir(base / "bundle", overrides) / "model_record.json"
+    old = json.loads(path.read_text())
+    old.pop("inference")
+    path.write_text(json.dumps(old))
+    try:
+        assert load_bundle_model(base / "bundle", checkpoint=ckpt, device="cpu").network.multimask_fallback is True
+    finally:
+        record.write(path)

@@ -55,6 +55,8 @@ class ModelRecord:
         preprocessing: the intensity settings the encoder saw (``{"window": "abdomen"}``...).
         label_names: ``{id: name}`` the trained parts predict.
         frozen_identity: hash of the frozen weights (`TrainableCheckpoint.frozen_identity`).
+        inference: how the trained parts must run, e.g. ``{"multimask_fallback": False}``
+            (`monai_sam.networks.Sam2VolumeSegmenter`); empty in records written before it.
     """
 
     model_size: str
@@ -64,6 +66,7 @@ class ModelRecord:
     preprocessing: dict[str, Any]
     label_names: dict[int, str]
     frozen_identity: str
+    inference: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -80,10 +83,11 @@ class ModelRecord:
         if not isinstance(data, dict) or data.get("format") != RECORD_FORMAT:
             raise ValueError(f"{path}: not a monai-sam model record (format {data.get('format')!r})")
         fields = {f.name for f in dataclasses.fields(cls)}
-        missing = sorted(fields - set(data))
+        required = {f.name for f in dataclasses.fields(cls) if f.default_factory is dataclasses.MISSING}
+        missing = sorted(required - set(data))
         if missing:
             raise ValueError(f"{path}: model record without {missing}")
-        values = {k: data[k] for k in fields}
+        values = {k: data[k] for k in fields if k in data}
         values["label_names"] = {int(k): str(v) for k, v in dict(data["label_names"]).items()}
         values["image_size"] = int(values["image_size"])
         return cls(**values)
@@ -161,6 +165,7 @@ class ModelRecordWriter:
         preprocessing: the intensity settings, e.g. ``{"window": "abdomen"}``.
         label_names: ``{id: name}`` trained.
         trainable_checkpoint: gives ``frozen_identity``.
+        inference: the settings inference must run the trained parts with (`ModelRecord`).
     """
 
     def __init__(
@@ -172,12 +177,14 @@ class ModelRecordWriter:
         preprocessing: Mapping[str, Any],
         label_names: Mapping[int, str],
         trainable_checkpoint: Any,
+        inference: Mapping[str, Any] | None = None,
     ) -> None:
         self.path = Path(ckpt_dir) / MODEL_RECORD_NAME
         self.model_size, self.image_size, self.checkpoint = str(model_size), int(image_size), checkpoint
         self.preprocessing = dict(preprocessing)
         self.label_names = {int(k): str(v) for k, v in dict(label_names).items()}
         self.trainable_checkpoint = trainable_checkpoint
+        self.inference = dict(inference or {})
 
     def record(self) -> ModelRecord:
         return ModelRecord(
@@ -188,6 +195,7 @@ class ModelRecordWriter:
             preprocessing=json.loads(json.dumps(self.preprocessing, default=str)),
             label_names=self.label_names,
             frozen_identity=self.trainable_checkpoint.frozen_identity,
+            inference=json.loads(json.dumps(self.inference, default=str)),
         )
 
     def attach(self, engine: Engine) -> None:

@@ -256,6 +256,13 @@ class Sam2VolumeSegmenter(nn.Module):
         release_host_memory: on a CPU, hand the heap memory freed by the last chunk back to
             the OS before encoding the next (`monai_sam.networks.host_memory`): without it the
             resident memory of a long volume creeps up by a few MB per slice.
+        multimask_fallback: SAM2's dynamic multimask fallback (the mask decoder's
+            ``dynamic_multimask_via_stability``): outside training, a single-mask answer (a box,
+            or several clicks) whose stability score is low is replaced by the best of the
+            decoder's three multimask outputs. True keeps SAM2's behaviour, what official weights
+            were made for (and what ``SAM2VideoPredictor`` does). Box-prompted training teaches
+            the single-mask output only, so a model trained here runs with False: its bundle
+            records it (`monai_sam.engines.ModelRecord` ``inference``) and every door reads it.
     """
 
     def __init__(
@@ -268,6 +275,7 @@ class Sam2VolumeSegmenter(nn.Module):
         start: Literal["object", "earliest"] = "object",
         object_batch_size: int | Literal["auto"] | None = "auto",
         release_host_memory: bool = True,
+        multimask_fallback: bool = True,
     ) -> None:
         super().__init__()
         for attr in (
@@ -294,6 +302,7 @@ class Sam2VolumeSegmenter(nn.Module):
         self.fill_hole_area = int(fill_hole_area)
         self.start = start
         self.release_host_memory = bool(release_host_memory)
+        model.sam_mask_decoder.dynamic_multimask_via_stability = bool(multimask_fallback)
         self._has_ext = _sam2_ext_available()
         self.last_encoded_slices = 0
 
@@ -301,6 +310,11 @@ class Sam2VolumeSegmenter(nn.Module):
     @property
     def image_size(self) -> int:
         return int(self.model.image_size)
+
+    @property
+    def multimask_fallback(self) -> bool:
+        """Whether an unstable single mask is swapped for a multimask output outside training."""
+        return bool(self.model.sam_mask_decoder.dynamic_multimask_via_stability)
 
     @property
     def image_encoder(self) -> nn.Module:
@@ -488,6 +502,56 @@ class Sam2VolumeSegmenter(nn.Module):
             "iou_pred": out["iou_pred"],
         }
 
+    def _cond_step(
+        self,
+        k: int,
+        members: list[tuple[int, dict | None, Tensor | None]],
+        stream: _FeatureStream,
+        num_frames: int,
+        differentiable: bool,
+        needs_memory: bool,
+    ) -> dict[str, Any]:
+        """One SAM step on key slice ``k`` for objects whose prompts have the same form."""
+        batch = len(members)
+        point_inputs = mask_inputs = None
+        if members[0][2] is not None:
+            mask_inputs = torch.cat([m[2] for m in members])
+        else:
+            point_inputs = {
+                "point_coords": torch.cat([m[1]["point_coords"] for m in members]),
+                "point_labels": torch.cat([m[1]["point_labels"] for m in members]),
+            }
+        feats, pos, sizes = stream.get(k, +1, batch)
+        with self._autocast():
+            out = self._step(
+                k,
+                True,
+                feats,
+                pos,
+                sizes,
+                point_inputs,
+                mask_inputs,
+                {"cond_frame_outputs": {}, "non_cond_frame_outputs": {}},
+                num_frames,
+                False,
+                run_mem_encoder=differentiable and self.model.training and needs_memory,
+            )
+            if out["maskmem_features"] is None and needs_memory:
+                # as SAM2VideoPredictor.propagate_in_video_preflight: memory from the
+                # (hole-filled) low-res mask upsampled, binarised as a user-given input
+                out["pred_masks"] = self._fill_holes(out["pred_masks"])
+                hi = F.interpolate(
+                    out["pred_masks"], size=(self.image_size,) * 2, mode="bilinear", align_corners=False
+                )
+                out["maskmem_features"], out["maskmem_pos_enc"] = self.model._encode_new_memory(
+                    current_vision_feats=feats,
+                    feat_sizes=sizes,
+                    pred_masks_high_res=hi,
+                    object_score_logits=out["object_score_logits"],
+                    is_mask_from_pts=True,
+                )
+        return out
+
     # ------------------------------------------------------------------ the propagation
     def _cohorts(self, prompts: list[ObjectPrompts], start: str) -> list[_Cohort]:
         groups: dict[tuple[int, ...], list[int]] = {}
@@ -602,60 +666,31 @@ class Sam2VolumeSegmenter(nn.Module):
             else:
                 logits[cohort.rows, f] = up[:, 0].to(output_device, output_dtype)
 
-        # 1) conditioning slices: each object alone (prompts differ in kind and click count),
-        #    then its memory, then the objects of a cohort stacked into one batch
+        # 1) conditioning slices: the objects of a cohort whose prompts have the same form (a
+        #    mask, or the same number of points) in one batch, then their memory; the cohort's
+        #    outputs are kept in its row order
         cond_jobs = sorted({k for c in cohorts for k in c.key_slices})
         needs_memory = num_frames > 1  # a single frame's memory is never read: not encoded
         for k in cond_jobs:
             for cohort in (c for c in cohorts if k in c.key_slices):
-                per_obj = []
-                for row in cohort.rows:
+                groups: dict[tuple, list[tuple[int, dict | None, Tensor | None]]] = {}
+                for pos_in_cohort, row in enumerate(cohort.rows):
                     sp = next(p for p in prompts[row].slices if p.slice_index == k)
                     point_inputs, mask_inputs = self._model_prompt(sp, original_size)
-                    feats, pos, sizes = stream.get(k, +1, 1)
-                    with self._autocast():
-                        out = self._step(
-                            k,
-                            True,
-                            feats,
-                            pos,
-                            sizes,
-                            point_inputs,
-                            mask_inputs,
-                            {"cond_frame_outputs": {}, "non_cond_frame_outputs": {}},
-                            num_frames,
-                            False,
-                            run_mem_encoder=differentiable and self.model.training and needs_memory,
-                        )
-                        if out["maskmem_features"] is None and needs_memory:
-                            # as SAM2VideoPredictor.propagate_in_video_preflight: memory from the
-                            # (hole-filled) low-res mask upsampled, binarised as a user-given input
-                            out["pred_masks"] = self._fill_holes(out["pred_masks"])
-                            hi = F.interpolate(
-                                out["pred_masks"],
-                                size=(self.image_size,) * 2,
-                                mode="bilinear",
-                                align_corners=False,
-                            )
-                            out["maskmem_features"], out["maskmem_pos_enc"] = self.model._encode_new_memory(
-                                current_vision_feats=feats,
-                                feat_sizes=sizes,
-                                pred_masks_high_res=hi,
-                                object_score_logits=out["object_score_logits"],
-                                is_mask_from_pts=True,
-                            )
-                    per_obj.append(out)
-                merged = {
-                    key: _stack_objects([o[key] for o in per_obj])
-                    for key in (
-                        "maskmem_features",
-                        "maskmem_pos_enc",
-                        "pred_masks",
-                        "obj_ptr",
-                        "object_score_logits",
-                        "iou_pred",
+                    form = (
+                        ("mask",)
+                        if mask_inputs is not None
+                        else ("points", point_inputs["point_labels"].shape[1])
                     )
-                }
+                    groups.setdefault(form, []).append((pos_in_cohort, point_inputs, mask_inputs))
+                order: list[int] = []
+                outs = []
+                for members in groups.values():
+                    order += [m[0] for m in members]
+                    outs.append(self._cond_step(k, members, stream, num_frames, differentiable, needs_memory))
+                merged = {key: _stack_objects([o[key] for o in outs]) for key in _MEMORY_KEYS}
+                if order != sorted(order):
+                    merged = _take_objects(merged, torch.argsort(torch.tensor(order)))
                 cohort.output_dict["cond_frame_outputs"][k] = self._compact(merged, cohort, differentiable)
 
         # 2) propagate: forward from the start slice to the end, then backward to the first slice
@@ -861,7 +896,9 @@ class Sam2VolumeSegmenter(nn.Module):
     ) -> dict[str, list[Tensor]]:
         """The inverse of `split_encoded`: what `forward` / `propagate` take as ``features``."""
         levels = len([k for k in per_slice[0] if k.startswith("fpn")])
-        fpn = [torch.stack([s[f"fpn{i}"] for s in per_slice]).to(device or self.device) for i in range(levels)]
+        fpn = [
+            torch.stack([s[f"fpn{i}"] for s in per_slice]).to(device or self.device) for i in range(levels)
+        ]
         pos_enc = self.model.image_encoder.neck.position_encoding
         return {"backbone_fpn": fpn, "vision_pos_enc": [pos_enc(level).to(level.dtype) for level in fpn]}
 
@@ -885,6 +922,30 @@ def _stack_objects(values: list[Any]) -> Any:
     if isinstance(values[0], list):
         return [torch.cat(level) for level in zip(*values, strict=True)]
     return torch.cat(values)
+
+
+#: what a key slice keeps of its step for the memory bank (see `Sam2VolumeSegmenter._compact`)
+_MEMORY_KEYS = (
+    "maskmem_features",
+    "maskmem_pos_enc",
+    "pred_masks",
+    "obj_ptr",
+    "object_score_logits",
+    "iou_pred",
+)
+
+
+def _take_objects(values: dict[str, Any], index: Tensor) -> dict[str, Any]:
+    """``values`` (as `_stack_objects` gives them) with the object axis reordered by ``index``."""
+
+    def take(v: Any) -> Any:
+        if v is None:
+            return None
+        if isinstance(v, list):
+            return [take(x) for x in v]
+        return v.index_select(0, index.to(v.device))
+
+    return {key: take(v) for key, v in values.items()}
 
 
 def _progress(order: range, enabled: bool, desc: str) -> Iterator[int]:

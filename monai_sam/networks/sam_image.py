@@ -301,14 +301,22 @@ class Sam2ImageSegmenter(Sam2VolumeSegmenter):
     Args:
         model: a ``sam2`` ``SAM2Base`` (`monai_sam.networks.build_sam2_model`).
         encoder_batch_size: images per image-encoder call.
-        autocast_dtype: see `Sam2VolumeSegmenter`.
+        autocast_dtype, multimask_fallback: see `Sam2VolumeSegmenter`.
     """
 
     def __init__(
-        self, model: nn.Module, encoder_batch_size: int = 8, autocast_dtype: torch.dtype | None = None
+        self,
+        model: nn.Module,
+        encoder_batch_size: int = 8,
+        autocast_dtype: torch.dtype | None = None,
+        multimask_fallback: bool = True,
     ):
         super().__init__(
-            model, encoder_batch_size=encoder_batch_size, memory_dtype=None, autocast_dtype=autocast_dtype
+            model,
+            encoder_batch_size=encoder_batch_size,
+            memory_dtype=None,
+            autocast_dtype=autocast_dtype,
+            multimask_fallback=multimask_fallback,
         )
 
     @property
@@ -370,16 +378,22 @@ def build_image_model(
 
 
 def build_image_segmenter(
-    model: nn.Module, encoder_batch_size: int = 4, multimask_output: bool = False
+    model: nn.Module,
+    encoder_batch_size: int = 4,
+    multimask_output: bool = False,
+    multimask_fallback: bool = True,
 ) -> SamImageSegmenter | Sam2ImageSegmenter:
     """The 2D segmenter for a built model: `SamImageSegmenter` for SAM v1, `Sam2ImageSegmenter` for SAM2.
 
-    ``multimask_output`` applies to SAM v1 (SAM2 chooses by itself, as its predictors do).
+    ``multimask_output`` applies to SAM v1 (SAM2 chooses by itself, as its predictors do);
+    ``multimask_fallback`` to SAM2 (see `Sam2VolumeSegmenter`; SAM v1 has no such fallback).
     """
     if all(hasattr(model, a) for a in ("image_encoder", "prompt_encoder", "mask_decoder")):
         return SamImageSegmenter(
             model, encoder_batch_size=encoder_batch_size, multimask_output=multimask_output
         )
     if hasattr(model, "sam_mask_decoder"):
-        return Sam2ImageSegmenter(model, encoder_batch_size=encoder_batch_size)
+        return Sam2ImageSegmenter(
+            model, encoder_batch_size=encoder_batch_size, multimask_fallback=multimask_fallback
+        )
     raise TypeError(f"expected a segment_anything Sam or a sam2 SAM2Base, got {type(model).__name__}")
