@@ -16,6 +16,7 @@ import torch
 from monai.bundle import ConfigParser
 
 from monai_sam.engines import SequenceSegmentationLoss
+from monai_sam.networks import Sam2VolumeSegmenter
 from monai_sam.prompts import ObjectPrompts, SlicePrompt
 
 BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
@@ -58,8 +59,8 @@ class _TokenRecorder:
         decoder.predict_masks = predict
         self._hook = decoder.register_forward_hook(self._record)
 
-    def _record(self, module, args, kwargs_or_out, out=None) -> None:
-        masks = (out if out is not None else kwargs_or_out)[0]
+    def _record(self, module, args, out) -> None:
+        masks = out[0]
         if masks.shape[1] != 1:  # several masks asked for (one click, tracking): not a box answer
             return
         for b in range(masks.shape[0]):
@@ -91,7 +92,10 @@ def _trained_and_answered_tokens(network) -> tuple[set[int], set[int]]:
     return trained, recorder.chosen
 
 
-@pytest.mark.parametrize("bundle", ["sam2_ct_abdominal_organs", "sam2_ct_liver_tumor", "sam2_fundus_optic_disc_cup"])
+SAM2_BUNDLES = ["sam2_ct_abdominal_organs", "sam2_ct_liver_tumor", "sam2_fundus_optic_disc_cup"]
+
+
+@pytest.mark.parametrize("bundle", SAM2_BUNDLES)
 def test_validation_answers_a_box_with_a_trained_output(bundle):
     network = _network(bundle)
     assert network.multimask_fallback is False, f"{bundle}: train.yaml keeps SAM2's fallback"
@@ -103,6 +107,8 @@ def test_validation_answers_a_box_with_a_trained_output(bundle):
 def test_sam2s_fallback_would_answer_with_an_untrained_output():
     """The check above can fail: with SAM2's fallback on, these weights answer from tokens 1-3."""
     network = _network("sam2_ct_abdominal_organs")
-    network.model.sam_mask_decoder.dynamic_multimask_via_stability = True
+    # a wrapper built without the setting (an inferer given the bare model) leaves the model's
+    assert Sam2VolumeSegmenter(network.model).multimask_fallback is False
+    network = Sam2VolumeSegmenter(network.model, multimask_fallback=True)
     trained, answered = _trained_and_answered_tokens(network)
     assert trained == {0} and answered - trained, f"trained {trained}, answered {answered}"

@@ -259,10 +259,11 @@ class Sam2VolumeSegmenter(nn.Module):
         multimask_fallback: SAM2's dynamic multimask fallback (the mask decoder's
             ``dynamic_multimask_via_stability``): outside training, a single-mask answer (a box,
             or several clicks) whose stability score is low is replaced by the best of the
-            decoder's three multimask outputs. True keeps SAM2's behaviour, what official weights
+            decoder's three multimask outputs. True is SAM2's behaviour, what official weights
             were made for (and what ``SAM2VideoPredictor`` does). Box-prompted training teaches
             the single-mask output only, so a model trained here runs with False: its bundle
             records it (`monai_sam.engines.ModelRecord` ``inference``) and every door reads it.
+            None leaves the model's own setting (sam2's builder turns the fallback on).
     """
 
     def __init__(
@@ -275,7 +276,7 @@ class Sam2VolumeSegmenter(nn.Module):
         start: Literal["object", "earliest"] = "object",
         object_batch_size: int | Literal["auto"] | None = "auto",
         release_host_memory: bool = True,
-        multimask_fallback: bool = True,
+        multimask_fallback: bool | None = None,
     ) -> None:
         super().__init__()
         for attr in (
@@ -302,7 +303,8 @@ class Sam2VolumeSegmenter(nn.Module):
         self.fill_hole_area = int(fill_hole_area)
         self.start = start
         self.release_host_memory = bool(release_host_memory)
-        model.sam_mask_decoder.dynamic_multimask_via_stability = bool(multimask_fallback)
+        if multimask_fallback is not None:
+            model.sam_mask_decoder.dynamic_multimask_via_stability = bool(multimask_fallback)
         self._has_ext = _sam2_ext_available()
         self.last_encoded_slices = 0
 

@@ -309,7 +309,7 @@ class Sam2ImageSegmenter(Sam2VolumeSegmenter):
         model: nn.Module,
         encoder_batch_size: int = 8,
         autocast_dtype: torch.dtype | None = None,
-        multimask_fallback: bool = True,
+        multimask_fallback: bool | None = None,
     ):
         super().__init__(
             model,
@@ -381,7 +381,7 @@ def build_image_segmenter(
     model: nn.Module,
     encoder_batch_size: int = 4,
     multimask_output: bool = False,
-    multimask_fallback: bool = True,
+    multimask_fallback: bool | None = None,
 ) -> SamImageSegmenter | Sam2ImageSegmenter:
     """The 2D segmenter for a built model: `SamImageSegmenter` for SAM v1, `Sam2ImageSegmenter` for SAM2.
 
