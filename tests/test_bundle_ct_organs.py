@@ -84,28 +84,46 @@ def test_training_writes_checkpoints_logs_metrics_and_cache(trained):
     assert wf.train_handlers is not None and wf.trainer.state.epoch == 1
 
 
-def test_training_draws_several_few_organ_sequences_per_volume(trained):
-    """Each epoch visits every volume sequences_per_volume times, each time a few organs in view."""
+def test_training_draws_single_slices_and_few_organ_sequences_per_volume(trained):
+    """Each epoch visits every volume sequences_per_volume times: a single slice with every organ in
+    view prompted, or a sequence with a few organs prompted."""
     from monai.bundle import ConfigParser
 
     base, _ = trained
     parser = ConfigParser()
     parser.read_config(TRAIN)
-    for k, v in tiny(base / "bundle", base / "data", sequences_per_volume=3, objects_per_sequence=2).items():
+    for k, v in tiny(base / "bundle", base / "data", sequences_per_volume=8, objects_per_sequence=2,
+                     single_slice_fraction=0.5).items():
         parser[k] = v
     volumes = parser.get_parsed_content("split")[0]
     dataset = parser.get_parsed_content("train#sequences")
-    assert len(dataset) == 3 * len(volumes)
+    assert len(dataset) == 8 * len(volumes)
     assert parser.get_parsed_content("train#dataloader").dataset is dataset
     organs = set(parser.get_parsed_content("organ_ids"))
+    kinds = set()
     for i in range(len(dataset)):
-        ids = [o.object_id for o in dataset[i]["prompts"]]
-        assert 1 <= len(ids) <= 2 and set(ids) <= organs, ids
+        sample = dataset[i]
+        ids = [o.object_id for o in sample["prompts"]]
+        label = torch.as_tensor(sample["label"])
+        frames = label.shape[-1]
+        kinds.add(frames)
+        assert frames in (1, 4) and ids and set(ids) <= organs, (frames, ids)
+        if frames == 1:  # every organ on the slice, boxes or clicks (a mask prompt would teach nothing)
+            assert ids == sorted(organs & set(torch.unique(label).int().tolist())), ids
+            assert all(sp.mask is None for o in sample["prompts"] for sp in o.slices)
+        else:
+            assert len(ids) <= 2, ids
+    assert kinds == {1, 4}
+    # random init (demo): memory parts at lr 1e-3 and no memory-attention dropout; SAM2's with weights
+    assert parser.get_parsed_content("learning_rates")["memory_attention"] == 1e-3
+    assert len(parser.get_parsed_content("sam2_model#extra_overrides")) == 3
     # SAM2's focal weight (20) only with a checkpoint: from random weights it collapses the decoder
     assert parser.get_parsed_content("loss").mask_loss.lambda_focal == 1.0
     parser["checkpoint"] = "sam2.1_hiera_tiny.pt"
     parser.parse()
     assert parser.get_parsed_content("loss").mask_loss.lambda_focal == 20.0
+    assert parser.get_parsed_content("learning_rates")["memory_attention"] == 1e-4
+    assert parser.get_parsed_content("sam2_model#extra_overrides") == []
 
 
 def test_resume_after_interruption_continues_from_the_saved_epoch(trained, tmp_path):
