@@ -188,3 +188,14 @@ def test_freeze_image_encoder_keeps_decoder_projections_trainable():
     assert model.sam_mask_decoder.conv_s0.weight.requires_grad
     assert model.memory_attention.layers[0].self_attn.q_proj.weight.requires_grad
     assert 0 < count_parameters(model, trainable_only=True) < count_parameters(model)
+
+
+def test_memory_attention_dropout_reaches_every_layer_and_attention(tiny):
+    def dropouts(model):
+        attn = model.memory_attention
+        return ([m.p for m in attn.modules() if isinstance(m, torch.nn.Dropout)]
+                + [m.dropout_p for m in attn.modules() if hasattr(m, "dropout_p")])
+
+    assert set(dropouts(tiny)) == {0.1}  # sam2's config
+    quiet = build_sam2_model("sam2.1_hiera_t", image_size=128, mode="train", memory_attention_dropout=0.0)
+    assert len(dropouts(quiet)) == len(dropouts(tiny)) and set(dropouts(quiet)) == {0.0}

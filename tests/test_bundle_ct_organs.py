@@ -116,14 +116,14 @@ def test_training_draws_single_slices_and_few_organ_sequences_per_volume(trained
     assert kinds == {1, 4}
     # random init (demo): memory parts at lr 1e-3 and no memory-attention dropout; SAM2's with weights
     assert parser.get_parsed_content("learning_rates")["memory_attention"] == 1e-3
-    assert len(parser.get_parsed_content("sam2_model#extra_overrides")) == 3
+    assert parser.get_parsed_content("sam2_model#memory_attention_dropout") == 0.0
     # SAM2's focal weight (20) only with a checkpoint: from random weights it collapses the decoder
     assert parser.get_parsed_content("loss").mask_loss.lambda_focal == 1.0
     parser["checkpoint"] = "sam2.1_hiera_tiny.pt"
     parser.parse()
     assert parser.get_parsed_content("loss").mask_loss.lambda_focal == 20.0
     assert parser.get_parsed_content("learning_rates")["memory_attention"] == 1e-4
-    assert parser.get_parsed_content("sam2_model#extra_overrides") == []
+    assert parser.get_parsed_content("sam2_model#memory_attention_dropout") is None
 
 
 def test_resume_after_interruption_continues_from_the_saved_epoch(trained, tmp_path):

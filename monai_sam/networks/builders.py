@@ -215,6 +215,7 @@ def build_sam2_model(
     mode: str = "eval",
     video_postprocessing: bool = True,
     extra_overrides: Sequence[str] = (),
+    memory_attention_dropout: float | None = None,
 ):
     """A ``SAM2Base`` built by ``sam2.build_sam.build_sam2`` from its packaged config.
 
@@ -227,9 +228,17 @@ def build_sam2_model(
         mode: ``"eval"`` or ``"train"`` (as in sam2's builder).
         video_postprocessing: use the video predictor's settings (see `sam2_hydra_overrides`).
         extra_overrides: more hydra overrides, e.g. ``["++model.num_maskmem=5"]``.
+        memory_attention_dropout: every dropout of the memory attention (its layers' and their
+            attentions'); None keeps the config's (0.1). Only training reads it: 0 suits a random
+            memory, which has nothing learnt to regularise (and dropout is 30 % of its step on CPU).
     """
     from sam2.build_sam import build_sam2
 
+    if memory_attention_dropout is not None:
+        extra_overrides = [*extra_overrides] + [
+            f"++model.memory_attention.layer.{part}dropout={float(memory_attention_dropout)}"
+            for part in ("", "self_attention.", "cross_attention.")
+        ]
     return _build_sam2(
         build_sam2, model_size, checkpoint, image_size, device, mode, video_postprocessing, extra_overrides
     )
