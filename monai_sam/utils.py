@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_path", "file_sha256"]
+__all__ = ["atomic_path", "file_sha256", "replace_marked_block", "write_text_atomic"]
 
 _sha256_seen: dict[tuple[str, int, int], str] = {}
 
@@ -46,3 +46,27 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
                 h.update(block)
         _sha256_seen[key] = h.hexdigest()
     return _sha256_seen[key]
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write a text file in one step (`atomic_path`)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def replace_marked_block(path: str | os.PathLike, begin: str, end: str, body: str, new_section: str) -> Path:
+    """Put ``body`` between the ``begin`` / ``end`` marker lines of a Markdown file, atomically.
+
+    What lies outside the markers is kept. The first time (no markers yet), ``new_section``
+    (a heading and its introduction) and the marked block are appended.
+    """
+    path = Path(path)
+    text = path.read_text() if path.exists() else "# Results\n"
+    block = f"{begin}\n{body.rstrip()}\n{end}"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip("\n") + f"\n\n{new_section.rstrip()}\n\n{block}\n"
+    return write_text_atomic(path, text)

@@ -109,15 +109,21 @@ def make_case(folder: Path, shape: tuple[int, int, int], seed: int) -> dict:
 
 def make_weights(folder: Path, size: str, image_size: int) -> tuple[Path, Path]:
     """Random weights of ``size`` in the official format, and sam2's config at ``image_size``."""
+    import torch
+
+    from monai_sam.networks import build_sam2_model
+
+    torch.manual_seed(0)
+    return export_weights(build_sam2_model(size, image_size=image_size), folder, size, image_size)
+
+
+def export_weights(model, folder: Path, size: str, image_size: int) -> tuple[Path, Path]:
+    """A SAM2 model's weights as the official file MONAI Label reads, and sam2's config at ``image_size``."""
     import sam2
     import torch
     import yaml
 
-    from monai_sam.networks import build_sam2_model
-
     pt_name, cfg_name = CONFIG_NAMES[size]
-    torch.manual_seed(0)
-    model = build_sam2_model(size, image_size=image_size)
     pt = folder / pt_name
     torch.save({"model": model.state_dict()}, pt)
     cfg = yaml.safe_load((Path(sam2.__file__).parent / "configs" / "sam2.1" / cfg_name).read_text())

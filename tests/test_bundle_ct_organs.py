@@ -173,6 +173,27 @@ def test_evaluate_writes_per_organ_table_and_overlays(trained):
     assert black > 0.05, f"overlay background has no contrast (black fraction {black:.3f})"
 
 
+def test_interactive_evaluation_scores_box_and_clicks_per_organ(trained):
+    import csv
+
+    base, _ = trained
+    config = [*EVALUATE, str(CONFIGS / "evaluate_interactive.yaml")]
+    wf = workflow(config, "eval", **tiny(base / "bundle", base / "data"), interaction_clicks=2, stop_after_absent=2)
+    wf.run()
+    out = base / "bundle" / "eval" / "interaction"
+    with open(out / "interaction_steps.csv") as f:
+        steps = list(csv.DictReader(f))
+    organs = {r["name"] for r in steps}
+    assert organs and organs <= {"liver", "spleen", "kidney_right", "kidney_left", "aorta"}
+    assert len(steps) == 3 * len(organs)  # the box, then 2 clicks, per organ of the validation case
+    assert [r["prompt"] for r in steps[:1]] == ["box"]
+    assert {r["prompt"] for r in steps[1:3]} <= {"positive click", "negative click", "none"}
+    assert {r["method"] for r in steps} == {"monai-sam demo (random encoder)"}  # random encoder: a demo
+    with open(out / "interaction_summary.csv") as f:
+        assert len(list(csv.DictReader(f))) == len(organs)
+    assert (out / "interaction_curves.png").is_file()
+
+
 def test_inference_from_labels_and_from_prompt_files(trained, tmp_path):
     base, _ = trained
     data = base / "data"

@@ -164,6 +164,9 @@ class MemoryPropagationInferer(Inferer):
             never changes in that rounding, and ties between objects closer than ~0.1% are
             decided either way). Without ``return_probabilities`` only the best logit per voxel
             is kept (`LabelAccumulator`); with it, every object's logits in this dtype.
+        stop_after_absent: end a direction of propagation for an object after this many
+            consecutive slices SAM2 calls absent (`Sam2VolumeSegmenter`); ``"default"``: the
+            network's own setting.
 
     ``slice_scores=`` (a `SliceScores`) in the call collects SAM2's object score and predicted
     IoU per object and slice.
@@ -184,8 +187,10 @@ class MemoryPropagationInferer(Inferer):
         direction: str = "both",
         progress: bool = False,
         logits_dtype: torch.dtype = torch.float16,
+        stop_after_absent: int | None | str = "default",
     ) -> None:
         super().__init__()
+        self.stop_after_absent = stop_after_absent
         self.logits_dtype = logits_dtype
         self.preprocess = preprocess
         self.threshold = float(threshold)
@@ -244,7 +249,13 @@ class MemoryPropagationInferer(Inferer):
             original = tuple(int(v) for v in (original_size or meta_size or plain.shape[1:3]))
             out_size = tuple(int(v) for v in plain.shape[1:3])
 
-        run = dict(original_size=original, output_size=out_size, direction=self.direction, progress=self.progress)
+        run = dict(
+            original_size=original,
+            output_size=out_size,
+            direction=self.direction,
+            progress=self.progress,
+            stop_after_absent=self.stop_after_absent,
+        )
         if slice_scores is not None:
             run["scores"] = slice_scores.sink(prompts)
         if self.return_probabilities:  # every object's logits are needed: collect them all

@@ -143,6 +143,39 @@ class _Cohort:
     maskmem_pos_enc: list[Tensor] | None = None
 
 
+class _AbsenceStop:
+    """Ends a pass of propagation for the objects SAM2 has called absent ``k`` slices in a row.
+
+    SAM2's object score logit says whether the object is on a slice; past the end of an organ
+    the video predictor keeps going and can pick up a neighbour far from the key slice. Counts
+    are per object and per pass, and restart on each key slice (a prompt says the object is there).
+    """
+
+    def __init__(self, k: int | None) -> None:
+        if k is not None and int(k) < 1:
+            raise ValueError(f"stop_after_absent must be >= 1 or None, got {k!r}")
+        self.k = None if k is None else int(k)
+        self._runs: dict[int, Tensor] = {}
+
+    def reset(self, cohort: _Cohort) -> None:
+        self._runs[id(cohort)] = torch.zeros(len(cohort.rows), dtype=torch.long)
+
+    def update(self, cohort: _Cohort, object_score_logits: Tensor) -> None:
+        if self.k is None:
+            return
+        absent = object_score_logits.detach().reshape(-1).cpu() <= 0
+        run = self._runs.get(id(cohort), torch.zeros(len(cohort.rows), dtype=torch.long))
+        ended = run >= self.k  # an ended pass stays ended, whatever comes after
+        self._runs[id(cohort)] = torch.where(ended | absent, run + 1, torch.zeros_like(run))
+
+    def stopped(self, cohort: _Cohort) -> Tensor:
+        """``(len(rows),)`` bool: the objects whose pass has ended (their slices are not labelled)."""
+        run = self._runs.get(id(cohort))
+        if self.k is None or run is None:
+            return torch.zeros(len(cohort.rows), dtype=torch.bool)
+        return run >= self.k
+
+
 class PreparedFeatures(dict):
     """Every slice's features with the decoder's projections applied (`Sam2VolumeSegmenter.encode_volume`).
 
@@ -264,6 +297,11 @@ class Sam2VolumeSegmenter(nn.Module):
             the single-mask output only, so a model trained here runs with False: its bundle
             records it (`monai_sam.engines.ModelRecord` ``inference``) and every door reads it.
             None leaves the model's own setting (sam2's builder turns the fallback on).
+        stop_after_absent: end a direction of propagation for an object after this many
+            consecutive slices on which SAM2's object score says the object is absent; slices
+            beyond are never labelled (nor computed, once every object of a batch has stopped).
+            None (default) propagates to the volume's ends, as ``SAM2VideoPredictor`` does.
+            Key slices restart the count. `propagate` can override it per call.
     """
 
     def __init__(
@@ -277,6 +315,7 @@ class Sam2VolumeSegmenter(nn.Module):
         object_batch_size: int | Literal["auto"] | None = "auto",
         release_host_memory: bool = True,
         multimask_fallback: bool | None = None,
+        stop_after_absent: int | None = None,
     ) -> None:
         super().__init__()
         for attr in (
@@ -305,8 +344,10 @@ class Sam2VolumeSegmenter(nn.Module):
         self.release_host_memory = bool(release_host_memory)
         if multimask_fallback is not None:
             model.sam_mask_decoder.dynamic_multimask_via_stability = bool(multimask_fallback)
+        self.stop_after_absent = _AbsenceStop(stop_after_absent).k
         self._has_ext = _sam2_ext_available()
         self.last_encoded_slices = 0
+        self.last_frame_steps = 0  # memory-conditioned slice steps of the last propagation
 
     # ------------------------------------------------------------------ basics
     @property
@@ -612,6 +653,7 @@ class Sam2VolumeSegmenter(nn.Module):
         output_dtype=torch.float32,
         sink: SliceSink | None = None,
         scores_sink: ScoreSink | None = None,
+        stop_after_absent: int | None = None,
     ) -> tuple[Any, Any]:
         if direction not in ("both", "forward", "backward"):
             raise ValueError(f"direction must be 'both', 'forward' or 'backward', got {direction!r}")
@@ -642,8 +684,11 @@ class Sam2VolumeSegmenter(nn.Module):
                 (n_obj, num_frames, *out_hw), NO_OBJ_SCORE, dtype=output_dtype, device=output_device
             )
 
-        def record(cohort: _Cohort, f: int, out: dict[str, Any]) -> None:
+        def record(cohort: _Cohort, f: int, out: dict[str, Any], blank: Tensor | None = None) -> None:
             low = out["pred_masks"]
+            if blank is not None and bool(blank.any()):  # objects whose pass has ended
+                low = low.clone()
+                low[blank.to(low.device)] = NO_OBJ_SCORE
             if differentiable:
                 results[(id(cohort), f)] = low
                 scores[(id(cohort), f)] = out["object_score_logits"]
@@ -701,7 +746,9 @@ class Sam2VolumeSegmenter(nn.Module):
             passes.append((+1, False))
         if direction in ("both", "backward"):
             passes.append((-1, True))
+        frame_steps = 0
         for step, reverse in passes:
+            stop = _AbsenceStop(None if differentiable else stop_after_absent)
             if step > 0:
                 order = range(min(c.start for c in cohorts), num_frames)
             else:
@@ -713,7 +760,11 @@ class Sam2VolumeSegmenter(nn.Module):
                     cond = cohort.output_dict["cond_frame_outputs"]
                     non_cond = cohort.output_dict["non_cond_frame_outputs"]
                     if f in cond:
+                        stop.reset(cohort)
                         record(cohort, f, cond[f])
+                        continue
+                    ended = stop.stopped(cohort)
+                    if bool(ended.all()):
                         continue
                     feats, pos, sizes = stream.get(f, step, len(cohort.rows))
                     with self._autocast():
@@ -735,12 +786,15 @@ class Sam2VolumeSegmenter(nn.Module):
                             reverse,
                             run_mem_encoder=True,
                         )
+                    frame_steps += 1
                     compact = self._compact(out, cohort, differentiable)
                     non_cond[f] = compact
-                    record(cohort, f, compact)
+                    record(cohort, f, compact, blank=ended)
+                    stop.update(cohort, compact["object_score_logits"])
                     if can_prune:
                         self._prune(cohort, f, step, num_maskmem, direction)
         self.last_encoded_slices = stream.encoded
+        self.last_frame_steps = frame_steps
 
         if not differentiable:
             return logits, None
@@ -798,6 +852,7 @@ class Sam2VolumeSegmenter(nn.Module):
         output_dtype: torch.dtype = torch.float32,
         sink: SliceSink | None = None,
         scores: ScoreSink | None = None,
+        stop_after_absent: int | None | Literal["default"] = "default",
     ) -> Tensor | None:
         """Inference: logits ``(N_objects, T, H, W)`` for every object on every slice.
 
@@ -827,10 +882,15 @@ class Sam2VolumeSegmenter(nn.Module):
             scores: also hand each slice's object score logits and predicted IoUs to
                 ``scores(rows, slice_index, object_scores, ious)`` (`ScoreSink`); a key slice
                 may be delivered once per pass, with the same values.
+            stop_after_absent: end a pass for an object after this many consecutive slices
+                called absent (see the constructor); ``"default"``: the segmenter's setting.
         Raises:
             PromptError: a prompt that does not fit the volume (outside, out of range, empty...).
         """
         source = _as_frame_source(frames) if frames is not None else None
+        stop_after = _AbsenceStop(
+            self.stop_after_absent if stop_after_absent == "default" else stop_after_absent
+        ).k
         was_training = self.model.training
         self.model.eval()
         try:
@@ -848,6 +908,7 @@ class Sam2VolumeSegmenter(nn.Module):
                 output_dtype=output_dtype,
                 sink=sink,
                 scores_sink=scores,
+                stop_after_absent=stop_after,
             )
         finally:
             self.model.train(was_training)

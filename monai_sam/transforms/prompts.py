@@ -26,6 +26,7 @@ from monai_sam.transforms.slices import as_int_list, label_volume, present_label
 __all__ = [
     "PROMPT_MODES",
     "box_from_mask",
+    "central_pixel",
     "clicks_from_mask",
     "PromptFromLabelBase",
     "RandPromptFromLabeld",
@@ -87,9 +88,17 @@ def box_from_mask(mask: np.ndarray, jitter: float = 0.0, rng: Rng | None = None)
     return np.array([x0, y0, x1, y1], dtype=np.float32)
 
 
-def _central_pixel(mask: np.ndarray) -> tuple[int, int]:
-    """The mask pixel farthest from its boundary; ties go to the one nearest their centroid."""
-    dist = distance_transform_edt(mask)
+def central_pixel(mask: np.ndarray, border_is_edge: bool = False) -> tuple[int, int]:
+    """``(row, col)``: the mask pixel farthest from its boundary; ties go to the one nearest their centroid.
+
+    ``border_is_edge``: the image border bounds the mask too (a region cut by the border is
+    centred inside the image, not on its edge).
+    """
+    dist = (
+        distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
+        if border_is_edge
+        else distance_transform_edt(mask)
+    )
     best = np.argwhere(dist == dist.max())
     centre = best.mean(axis=0)
     r, c = best[np.argmin(((best - centre) ** 2).sum(axis=1))]
@@ -133,7 +142,7 @@ def clicks_from_mask(
     if num_positive:
         inside = np.argwhere(mask)
         if first_fixed:
-            centre = _central_pixel(mask)
+            centre = central_pixel(mask)
             rows_cols.append(np.array([centre]))
             rest = inside[~((inside[:, 0] == centre[0]) & (inside[:, 1] == centre[1]))]
             n_rest = num_positive - 1
@@ -378,7 +387,9 @@ class PromptFromLabelBase(MapTransform):
             shared = self._key_slices((table > 0).sum(axis=0) + 0.999 * relative, -1, where)
         for object_id in ids:
             obj, area = masks[object_id], areas[object_id]
-            keys = self._key_slices(area, object_id, where) if shared is None else [k for k in shared if area[k]]
+            keys = (
+                self._key_slices(area, object_id, where) if shared is None else [k for k in shared if area[k]]
+            )
             if keys:
                 prompts = [self._slice_prompt(obj[..., k], k) for k in keys]
                 objects.append(ObjectPrompts(object_id, self.label_names.get(object_id, ""), prompts))
@@ -456,8 +467,13 @@ class LoadPromptFiled(MapTransform):
         prompt_key: where the prompts are written.
     """
 
-    def __init__(self, path_key: str = "prompt_file", image_key: str = "image", prompt_key: str = "prompts",
-                 allow_missing_keys: bool = False) -> None:
+    def __init__(
+        self,
+        path_key: str = "prompt_file",
+        image_key: str = "image",
+        prompt_key: str = "prompts",
+        allow_missing_keys: bool = False,
+    ) -> None:
         super().__init__(path_key, allow_missing_keys)
         self.path_key, self.image_key, self.prompt_key = path_key, image_key, prompt_key
 
