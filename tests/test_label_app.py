@@ -213,6 +213,30 @@ def test_a_click_on_an_organ_voxel_lands_on_that_organ(studies, checkpoint):
     assert [(o.object_id, o.name) for o in parsed.objects] == [(SPLEEN, "spleen")]
 
 
+def slicer_roi(affine: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> list[int]:
+    """The ``roi`` 3D Slicer's MONAI Label plugin (0.8.5, ``getROIPointsXYZ``) sends for a box
+    drawn around stored voxels ``lo..hi``: the ROI node's RAS bounds (centre -/+ size / 2), its
+    min and max corners through ``RASToIJK``, rounded, zipped per axis."""
+    bounds = list(zip(lo, hi, strict=True))
+    corners = np.array([[x, y, z, 1.0] for x in bounds[0] for y in bounds[1] for z in bounds[2]])
+    ras = (affine @ corners.T).T[:, :3]
+    centre, size = (ras.min(0) + ras.max(0)) / 2, ras.max(0) - ras.min(0)
+    roi_points_ras = [v for x, s_ in zip(centre, size, strict=True) for v in (x - s_ / 2, x + s_ / 2)]
+    min_points_ras = [roi_points_ras[0], roi_points_ras[2], roi_points_ras[4], 1.0]
+    max_points_ras = [roi_points_ras[1], roi_points_ras[3], roi_points_ras[5], 1.0]
+    ras_to_ijk = np.linalg.inv(affine)
+    min_ijk = [round(v) for v in ras_to_ijk @ min_points_ras]
+    max_ijk = [round(v) for v in ras_to_ijk @ max_points_ras]
+    return [v for pair in zip(min_ijk[0:3], max_ijk[0:3], strict=True) for v in pair]
+
+
+def _liver_roi(root: Path, label: np.ndarray) -> tuple[list[int], tuple]:
+    img = nib.load(str(root / "ct_a.nii.gz"))
+    ii, jj, kk = np.nonzero(label == LIVER)
+    lo, hi = np.array([ii.min(), jj.min(), kk.min()]), np.array([ii.max(), jj.max(), kk.max()])
+    return slicer_roi(img.affine, lo, hi), (ii, jj, kk)
+
+
 def test_roi_becomes_a_box_on_its_middle_slice_and_bounds_the_output(studies):
     root, labels = studies
     label = labels["ct_a"]
@@ -221,8 +245,9 @@ def test_roi_becomes_a_box_on_its_middle_slice_and_bounds_the_output(studies):
         [[-1, 0, 0, SHAPE[0] - 1], [0, 1, 0, 0], [0, 0, -1, SHAPE[2] - 1], [0, 0, 0, 1]]
     )
     vmap = VoxelMap.from_affines(img.affine, ras_affine, SHAPE)
-    ii, jj, kk = np.nonzero(label == LIVER)
-    roi = [int(ii.min()), int(jj.min()), int(ii.max()), int(jj.max()), int(kk.min()), int(kk.max())]
+    roi, (ii, jj, kk) = _liver_roi(root, label)
+    # the image is stored flipped in i and k (LAI): Slicer's "min" corner has the larger i and k
+    assert roi == [int(ii.max()), int(ii.min()), int(jj.min()), int(jj.max()), int(kk.max()), int(kk.min())]
     parsed = parse_request({"roi": roi, "label": "liver"}, vmap, LABELS)
     (obj,) = parsed.objects
     (sp,) = obj.slices
@@ -232,6 +257,16 @@ def test_roi_becomes_a_box_on_its_middle_slice_and_bounds_the_output(studies):
     assert sp.box.tolist() == [jj.min(), SHAPE[0] - 1 - ii.max(), jj.max(), SHAPE[0] - 1 - ii.min()]
     assert parsed.bound.lo == (SHAPE[0] - 1 - ii.max(), jj.min(), ras_k[0])
     assert parsed.bound.hi == (SHAPE[0] - 1 - ii.min(), jj.max(), ras_k[1])
+    # the box lands on the liver: it holds the liver on its slice, and little else
+    ras = Orientation(axcodes="RAS", labels=None)(MetaTensor(label[None], affine=torch.as_tensor(img.affine)))
+    liver = ras[0, ..., sp.slice_index].numpy() == LIVER
+    x0, y0, x1, y1 = (int(v) for v in sp.box)
+    inside = liver[y0 : y1 + 1, x0 : x1 + 1].sum()
+    assert inside == liver.sum() > 0
+    # the same ROI with each pair in the other order (another client, an unflipped axis) is the same box
+    swapped = [roi[1], roi[0], roi[3], roi[2], roi[5], roi[4]]
+    again = parse_request({"roi": swapped, "label": "liver"}, vmap, LABELS).objects[0].slices[0]
+    assert again.slice_index == sp.slice_index and again.box.tolist() == sp.box.tolist()
 
 
 @pytest.mark.parametrize(
@@ -242,7 +277,7 @@ def test_roi_becomes_a_box_on_its_middle_slice_and_bounds_the_output(studies):
         ({"foreground": [[1, 2, 3]], "label": "pancreas"}, "unknown label 'pancreas'"),
         ({"background": [[1, 2, 3]]}, "nothing to segment"),
         ({"roi": [1, 2, 3]}, "roi must be"),
-        ({"roi": [5, 5, 2, 9, 1, 2]}, "negative extent"),
+        ({"roi": [5, 5, 2, 9, 1, 2]}, "thinner than one voxel"),
         ({"liver": [[4, 4, 4]], "spleen": [[5, 5, 5]], "roi": [1, 1, 9, 9, 1, 3]}, "one object"),
     ],
 )
@@ -371,14 +406,61 @@ def test_labels_are_saved_to_the_folder_datastore(app, studies):
 
 
 def test_roi_request_is_bounded_by_the_roi(app, studies):
-    _, labels = studies
-    ii, jj, kk = np.nonzero(labels["ct_a"] == LIVER)
-    roi = [int(ii.min()), int(jj.min()), int(ii.max()), int(jj.max()), int(kk.min()), int(kk.max())]
+    root, labels = studies
+    roi, (ii, jj, kk) = _liver_roi(root, labels["ct_a"])  # as 3D Slicer sends it
     out, params = _infer(app, {"roi": roi, "label": "liver"})
     assert params["feature_cache"] == "hit"
     inside = np.zeros(SHAPE, bool)
-    inside[roi[0] : roi[2] + 1, roi[1] : roi[3] + 1, roi[4] : roi[5] + 1] = True
+    inside[ii.min() : ii.max() + 1, jj.min() : jj.max() + 1, kk.min() : kk.max() + 1] = True
     assert not out[~inside].any()
+
+
+def test_a_malformed_request_is_a_client_error_naming_the_problem(app):
+    from fastapi import HTTPException
+
+    with pytest.raises(HTTPException) as err:
+        app.infer({"model": "monai_sam_interactive", "image": "ct_a", "roi": [1, 2, 3], "label": "liver"})
+    assert err.value.status_code == 422 and "roi must be" in err.value.detail
+
+
+def test_random_weights_only_with_conf_demo_and_then_every_result_says_so(tmp_path):
+    from monai_sam.demo import DEMO_TEXT, DemoWeightsError
+    from monai_sam.label.main import MonaiSamLabelApp
+
+    studies = tmp_path / "studies"
+    _write_lai_phantom(studies, "ct_c", seed=5)
+    conf = {"bundle": "none", "image_size": str(S), "labels": "liver,spleen", "window": "abdomen"}
+    with pytest.raises(DemoWeightsError, match="--conf demo true"):
+        MonaiSamLabelApp(str(tmp_path / "app"), str(studies), conf)
+    app = MonaiSamLabelApp(str(tmp_path / "app"), str(studies), {**conf, "demo": "true"})
+    assert app.info()["monai_sam"]["demo"] == DEMO_TEXT
+    res = app.infer({"model": "monai_sam_interactive", "image": "ct_c", "foreground": [[20, 20, 5]]})
+    assert "demo" in Path(res["file"]).name and res["params"]["demo"] == DEMO_TEXT
+    os.unlink(res["file"])
+
+
+def test_first_and_last_strategies_and_the_next_sample_encoded_before_its_first_click(tmp_path, checkpoint):
+    from monai_sam.label.main import MonaiSamLabelApp
+
+    studies = tmp_path / "studies"
+    for n, seed in (("ct_c", 5), ("ct_d", 6), ("ct_e", 7)):
+        _write_lai_phantom(studies, n, seed)
+    app = MonaiSamLabelApp(str(tmp_path / "app"), str(studies), _conf(checkpoint))
+    assert {"random", "first", "last"} <= set(app.info()["strategies"])
+    assert app.next_sample({"strategy": "last"})["id"] == "ct_e"
+    sample = app.next_sample({"strategy": "first"})
+    assert sample["id"] == "ct_c"
+    store = app.engine.store
+    deadline = time.monotonic() + 120
+    while store.info()["misses"] < 2 and time.monotonic() < deadline:  # both samples, in the background
+        time.sleep(0.2)
+    while store.info()["entries"] < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert store.info()["encoded_slices"] == 2 * SHAPE[2]
+    res = app.infer({"model": "monai_sam_interactive", "image": "ct_c", "foreground": [[20, 20, 5]]})
+    os.unlink(res["file"])
+    assert res["params"]["feature_cache"] == "hit", "the first click found the image encoded"
+    assert store.info()["encoded_slices"] == 2 * SHAPE[2]
 
 
 KEEP = "keep the bundle's own"
@@ -428,6 +510,12 @@ def test_automatic_task_only_when_the_bundle_has_an_auto_prompter(tmp_path, stud
         str(tmp_path / "app2"), str(root), {"bundle": str(bundle), "checkpoint": str(checkpoint)}
     )
     assert auto.info()["models"]["monai_sam_auto"]["type"] == "segmentation"
+    # the CT bundle's own prompter needs its prompt-free head: not offered before that is trained
+    untrained = _bundle_copy(tmp_path / "untrained", auto_prompter=KEEP, image_size=S)
+    app3 = MonaiSamLabelApp(
+        str(tmp_path / "app3"), str(root), {"bundle": str(untrained), "checkpoint": str(checkpoint)}
+    )
+    assert "monai_sam_auto" not in app3.info()["models"]
     res = auto.infer({"model": "monai_sam_auto", "image": "ct_b"})
     out = np.asarray(nib.load(res["file"]).dataobj).astype(np.int32)
     assert res["params"]["prompt_source"] == "auto" and res["params"]["prompts"]["1"][
@@ -515,6 +603,11 @@ def test_train_task_runs_the_bundle_workflow_on_the_datastore_labels(tmp_path, s
     assert "trained parts" in app.info()["monai_sam"]["weights"]["source"]
     served = app.engine.model().network
     assert weights_digest(served.model.state_dict()) == checkpoint_digest(checkpoint)
+    best = torch.load(model_pt, map_location="cpu", weights_only=True)
+    best = best.get("model", best)
+    served_state = served.model.state_dict()  # trained_weights names tensors as the model does
+    trained = trained_weights(best)
+    assert trained and all(torch.equal(served_state[n], t) for n, t in trained.items()), "the new parts serve"
     # before training the official file ran as SAM2 runs it; the trained parts run as they were trained
     assert served.multimask_fallback is False
     assert read_model_record(bundle / "models").checkpoint_sha256 == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
@@ -645,27 +738,51 @@ def test_real_server_with_monai_label_client(server, studies, checkpoint):
     second = cache()
     assert second["hits"] == first["hits"] + 1 and second["encoded_slices"] == first["encoded_slices"]
 
-    # 8 concurrent requests (two images, both organs) all succeed
-    jobs = [("ct_a" if n % 2 else "ct_b", LIVER if n % 4 < 2 else SPLEEN) for n in range(8)]
+    # 8 concurrent requests on two images, both organs: clicks, boxes drawn in 3D Slicer (its ROI
+    # order) and one malformed request; every good one gets its mask, the bad one a clear 4xx
+    import requests
+
+    def slicer_box(image: str, organ: int) -> list[int]:
+        ii, jj, kk = np.nonzero(labels[image] == organ)
+        k = int(np.argmax((labels[image] == organ).sum(axis=(0, 1))))  # a box on one slice
+        lo, hi = np.array([ii.min(), jj.min(), k]), np.array([ii.max(), jj.max(), k])
+        return slicer_roi(nib.load(str(root / f"{image}.nii.gz")).affine, lo, hi)
+
+    jobs = [
+        ("ct_a" if n % 2 else "ct_b", LIVER if n % 4 < 2 else SPLEEN, "roi" if n in (2, 7) else "click")
+        for n in range(8)
+    ]
+    jobs[5] = ("ct_a", LIVER, "malformed")
 
     def one(job):
-        image, organ = job
+        image, organ, kind = job
         name = "liver" if organ == LIVER else "spleen"
+        if kind == "malformed":
+            r = requests.post(
+                f"{url}/infer/monai_sam_interactive?image={image}&output=json",
+                data={"params": json.dumps({"roi": [3, 4, 5, 6, 7], "label": name})},
+                timeout=300,
+            )
+            return r.status_code, r.json().get("detail", "")
+        click = {"foreground": [_organ_voxel(labels[image], organ)]}
+        prompt = {"roi": slicer_box(image, organ)} if kind == "roi" else click
         path, res = MONAILabelClient(url, tmpdir=str(root.parent / f"client_{threading.get_ident()}")).infer(
-            "monai_sam_interactive",
-            image,
-            {"foreground": [_organ_voxel(labels[image], organ)], "label": name},
+            "monai_sam_interactive", image, {**prompt, "label": name}
         )
         arr = np.asarray(nib.load(path).dataobj)
-        return arr.shape, set(np.unique(arr).tolist()) <= {0, organ}, res["label_names"]
+        return arr.shape, set(np.unique(arr).tolist()) <= {0, organ}, res["latencies"]["total"]
 
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(one, jobs))
+    bad = results.pop(5)
+    assert bad[0] == 422 and "roi must be" in bad[1], bad
     assert all(shape == SHAPE and ok for shape, ok, _ in results)
+    assert requests.get(f"{url}/info/", timeout=30).status_code == 200, "the server stays up"
     final = cache()
     assert final["misses"] == 2, "ct_b encoded once, ct_a not again"
-    assert final["hits"] == second["hits"] + 7
+    assert final["hits"] == second["hits"] + 7  # the malformed request read ct_a's kept features too
     assert json.loads(json.dumps(final))["encoded_slices"] == 2 * SHAPE[2]
+    assert final["bytes"] <= final["max_bytes"] and final["entries"] <= final["max_entries"]
 
 
 # ----------------------------------------------------------------------------- DICOMweb (Orthanc)

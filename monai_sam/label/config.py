@@ -19,6 +19,8 @@
 ``feature_cache_gb``          RAM budget of the kept features (default 8)
 ``feature_cache_images``      most images kept (default 4)
 ``feature_cache_ttl_s``       drop an image's features unused this long (default 1800)
+``demo``                      ``true``: serve a random-init encoder (no ``checkpoint``); without
+                              it the app refuses to start, and with it every result says "demo"
 ============================  =============================================================
 """
 
@@ -50,6 +52,7 @@ KNOWN_KEYS = {
     "feature_cache_gb",
     "feature_cache_images",
     "feature_cache_ttl_s",
+    "demo",
 }
 # keys MONAI Label itself puts in an app's conf
 _MONAILABEL_KEYS = {"server_mode", "preload", "models", "skip_trainers", "skip_strategies", "skip_scoring"}
@@ -76,6 +79,25 @@ def _number(conf: Mapping[str, str], key: str, kind: type, default: Any) -> Any:
         return kind(conf[key])
     except ValueError as err:
         raise ValueError(f"--conf {key} {conf[key]!r}: expected a {kind.__name__}") from err
+
+
+def _auto_prompter_ready(parser: Any, bundle: Path) -> bool:
+    """Whether the bundle prompts by itself: an ``auto_prompter``, and its head's weights if it names any."""
+    prompter = parser.get("auto_prompter")
+    if prompter is None:
+        return False
+    if not isinstance(prompter, Mapping) or prompter.get("checkpoint") is None:
+        return True  # a prompter without weights of its own
+    head = Path(parser.get_parsed_content("auto_prompter#checkpoint"))
+    if not head.is_file():
+        logger.info(
+            "bundle %s: no automatic task, its prompt-free head is not trained (%s is missing; "
+            "configs/train_autoprompt_head.yaml trains it)",
+            bundle,
+            head,
+        )
+        return False
+    return True
 
 
 def settings_from_conf(conf: Mapping[str, str]) -> LabelModelSettings:
@@ -108,7 +130,7 @@ def settings_from_conf(conf: Mapping[str, str]) -> LabelModelSettings:
             s.label_names = dict(record.label_names)
         elif p.get("label_names") is not None:
             s.label_names = {int(k): str(v) for k, v in p.get_parsed_content("label_names").items()}
-        s.has_auto_prompter = p.get("auto_prompter") is not None
+        s.has_auto_prompter = _auto_prompter_ready(p, bundle)
 
     checkpoint = str(conf.get("checkpoint", "")).strip()
     if checkpoint:
@@ -129,6 +151,7 @@ def settings_from_conf(conf: Mapping[str, str]) -> LabelModelSettings:
     s.cache_bytes = int(_number(conf, "feature_cache_gb", float, s.cache_bytes / 2**30) * 2**30)
     s.cache_entries = _number(conf, "feature_cache_images", int, s.cache_entries)
     s.cache_age_s = _number(conf, "feature_cache_ttl_s", float, s.cache_age_s)
+    s.demo = str(conf.get("demo", "false")).strip().lower() in ("1", "true", "yes")
     if s.encoder_batch_size < 1:
         raise ValueError(f"--conf encoder_batch_size must be >= 1, got {s.encoder_batch_size}")
     return s

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 
+from monai_sam.demo import DEMO_TEXT
 from monai_sam.label.feature_store import VolumeFeatures, VolumeFeatureStore
 from monai_sam.label.prompting import ParsedRequest, VoxelMap
 from monai_sam.networks.sam2_volume import VolumeFrames
@@ -59,6 +60,7 @@ class LabelModelSettings:
     cache_entries: int = 4
     cache_age_s: float = 1800.0
     has_auto_prompter: bool = False
+    demo: bool = False  # random encoder weights allowed (``--conf demo true``); results then say so
 
     @property
     def trained_model(self) -> Path | None:
@@ -142,7 +144,7 @@ class Sam2LabelEngine:
                         err,
                     )
             if model is None:
-                # the app serves random weights with a warning (DEMO_WARNING) until it refuses them itself
+                # random encoder weights got past the app only with --conf demo true (MonaiSamLabelApp)
                 model = load_bundle_model(
                     s.bundle, checkpoint=s.checkpoint, device=device, need_auto=False, demo=True
                 )
@@ -151,7 +153,13 @@ class Sam2LabelEngine:
             if s.checkpoint is None:
                 logger.warning(DEMO_WARNING)
             model = load_checkpoint_model(
-                s.checkpoint, s.model_size, s.image_size, s.window, device, "auto", s.encoder_batch_size,
+                s.checkpoint,
+                s.model_size,
+                s.image_size,
+                s.window,
+                device,
+                "auto",
+                s.encoder_batch_size,
                 demo=True,
             )
             source = f"official checkpoint {s.checkpoint}" if s.checkpoint else "random init / demo"
@@ -314,7 +322,8 @@ class Sam2LabelEngine:
         t2 = time.perf_counter()
         geometry: ImageGeometry = entry.geometry
         stored = geometry.vmap.ras_to_stored_array(label)
-        fd, out = tempfile.mkstemp(suffix=".nii.gz", prefix="monai_sam_label_")
+        prefix = "monai_sam_label_demo_" if self.is_demo else "monai_sam_label_"
+        fd, out = tempfile.mkstemp(suffix=".nii.gz", prefix=prefix)
         os.close(fd)
         write_label(
             MetaTensor(torch.as_tensor(stored)[None], affine=torch.as_tensor(geometry.stored_affine)), out
@@ -327,6 +336,7 @@ class Sam2LabelEngine:
             "objects_found": present,
             "feature_cache": "hit" if hit else "miss",
             "weights": self.weights_info.get("source"),
+            **({"demo": DEMO_TEXT} if self.is_demo else {}),
             "latencies": {
                 "pre": round(t1 - t0, 3),
                 "infer": round(t2 - t1, 3),
@@ -348,5 +358,34 @@ class Sam2LabelEngine:
         )
         return out, result
 
+    @property
+    def is_demo(self) -> bool:
+        """Random encoder weights: no official checkpoint under the served model."""
+        return self.settings.checkpoint is None
+
+    def prefetch(self, path: str | os.PathLike) -> threading.Thread:
+        """Start encoding ``path`` in the background (the image a client is about to annotate).
+
+        A click arriving meanwhile waits for this work instead of repeating it (the store computes
+        an image once); the store's size and count caps evict the least recently used images.
+        """
+
+        def run() -> None:
+            logger.info("%s: encoding in the background for the first click", path)
+            try:
+                _, hit, _ = self.features(path)
+                if hit:
+                    logger.info("%s: features already kept", path)
+            except Exception as err:  # the next infer request reports it to the client
+                logger.warning("%s: background encoding failed: %s", path, err)
+
+        worker = threading.Thread(target=run, name=f"prefetch {Path(str(path)).name}", daemon=True)
+        worker.start()
+        return worker
+
     def info(self) -> dict[str, Any]:
-        return {"feature_cache": self.store.info(), "weights": dict(self.weights_info)}
+        return {
+            "feature_cache": self.store.info(),
+            "weights": dict(self.weights_info),
+            **({"demo": DEMO_TEXT} if self.is_demo else {}),
+        }

@@ -19,12 +19,18 @@ from monailabel.config import settings as ml_settings
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.infer_v2 import InferTask
+from monailabel.interfaces.tasks.strategy import Strategy
 from monailabel.interfaces.tasks.train import TrainTask
+from monailabel.tasks.activelearning.first import First
+from monailabel.tasks.activelearning.random import Random
 
+from monai_sam.demo import require_weights
 from monai_sam.label.config import settings_from_conf
 from monai_sam.label.engine import Sam2LabelEngine
 from monai_sam.label.infer import AUTO_TASK, INTERACTIVE_TASK, AutoSam2Infer, InteractiveSam2Infer
+from monai_sam.label.strategies import Last
 from monai_sam.label.train import Sam2BundleTrainTask
+from monai_sam.prompts import PromptError
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +44,10 @@ class MonaiSamLabelApp(MONAILabelApp):
         import monai_sam
 
         self.model_settings = settings_from_conf(conf or {})
+        # the frozen encoder's official weights, or the user's word that this is a demo
+        require_weights(
+            self.model_settings.checkpoint, self.model_settings.demo, "MONAI Label app", "--conf demo true"
+        )
         self.engine = Sam2LabelEngine(self.model_settings)
         super().__init__(
             app_dir=app_dir,
@@ -55,6 +65,26 @@ class MonaiSamLabelApp(MONAILabelApp):
             infers[AUTO_TASK] = AutoSam2Infer(self.engine)
         logger.info("infer tasks: %s", sorted(infers))
         return infers
+
+    def init_strategies(self) -> dict[str, Strategy]:
+        return {"random": Random(), "first": First(), "last": Last()}
+
+    def next_sample(self, request: dict[str, Any]) -> dict[str, Any]:
+        """MONAI Label's next sample, whose encoding then starts in the background."""
+        result = super().next_sample(request)
+        if result.get("path"):
+            self.engine.prefetch(result["path"])
+        return result
+
+    def infer(self, request: dict[str, Any], datastore: Datastore | None = None) -> dict[str, Any]:
+        """MONAI Label's infer; a request that does not fit its image is the client's error (422)."""
+        from fastapi import HTTPException
+
+        try:
+            return super().infer(request, datastore)
+        except PromptError as err:
+            logger.warning("infer request refused: %s", err)
+            raise HTTPException(status_code=422, detail=str(err)) from err
 
     def init_trainers(self) -> dict[str, TrainTask]:
         bundle = self.model_settings.bundle

@@ -14,9 +14,12 @@ Request keys understood (those of MONAI Label's DeepGrow / DeepEdit / ``sam_3d``
   object, named by ``label`` (a label name or id; default: the first label of the app);
 - ``<label name>``: lists of positive clicks per label (DeepEdit style, several objects at
   once); ``background`` clicks are then negative for every object;
-- ``roi``: ``[x0, y0, x1, y1, z0, z1]`` (stored voxel indices, inclusive, as MONAI Label's
-  ``sam_3d`` reads it). The box goes on the ROI's middle axial slice; an ROI spanning several
-  axial slices also bounds the output (nothing is labeled outside it).
+- ``roi``: ``[i_a, i_b, j_a, j_b, k_a, k_b]``, stored voxel indices paired per axis, which is
+  what 3D Slicer's MONAI Label plugin sends (``getROIPointsXYZ``: the ROI's RAS min and max
+  corners through ``RASToIJK``, rounded, zipped per axis). On an axis the file stores flipped the
+  "min" corner has the larger index, so each pair is sorted: min and max are taken per axis.
+  The box goes on the ROI's middle axial slice; an ROI spanning several axial slices also
+  bounds the output (nothing is labeled outside it).
 
 Clicks on several slices make several conditioning frames of SAM2's memory: clients resend all
 the clicks of the current segment with every request, so a new click on another slice adds a
@@ -180,20 +183,16 @@ def _check_inside(ras: np.ndarray, stored: np.ndarray, vmap: VoxelMap, key: str,
 
 
 def _roi_box(roi: Any, vmap: VoxelMap, where: str) -> tuple[int, np.ndarray, RasBox | None]:
-    """``roi`` ``[x0, y0, x1, y1, z0, z1]`` -> (RAS key slice, SAM box on it, 3D bound or None)."""
+    """``roi`` in 3D Slicer's order -> (RAS key slice, SAM box on it, 3D bound or None)."""
+    form = "roi must be [i_min, i_max, j_min, j_max, k_min, k_max] (stored voxel indices, 3D Slicer's order)"
     try:
         vals = np.asarray(roi, dtype=np.float64).reshape(-1)
     except (TypeError, ValueError) as err:
-        raise PromptError(
-            f"{where}: roi must be [x0, y0, x1, y1, z0, z1] (voxel indices), got {roi!r}"
-        ) from err
+        raise PromptError(f"{where}: {form}, got {roi!r}") from err
     if vals.size != 6 or not np.isfinite(vals).all():
-        raise PromptError(
-            f"{where}: roi must be [x0, y0, x1, y1, z0, z1] (voxel indices), got {vals.tolist()}"
-        )
-    x0, y0, x1, y1, z0, z1 = vals
-    if x1 < x0 or y1 < y0 or z1 < z0:
-        raise PromptError(f"{where}: roi {vals.tolist()} has a negative extent (need x1>=x0, y1>=y0, z1>=z0)")
+        raise PromptError(f"{where}: {form}, got {vals.tolist()}")
+    pairs = vals.reshape(3, 2)
+    (x0, y0, z0), (x1, y1, z1) = pairs.min(axis=1), pairs.max(axis=1)
     corners = np.array([[x, y, z] for x in (x0, x1) for y in (y0, y1) for z in (z0, z1)])
     ras = vmap.to_ras(corners)
     lo, hi = ras.min(axis=0), ras.max(axis=0)
