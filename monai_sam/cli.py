@@ -131,6 +131,9 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
     how.add_argument("--window", default="auto",
                      help="without --bundle: 'auto' (CT window or MR percentiles), 'mr', 'none', "
                      "a CT preset...")
+    how.add_argument("--stop-after-absent", type=int, default=None, metavar="K",
+                     help="end each direction of propagation after K slices on which SAM2 calls the "
+                     "object absent; nothing beyond is labelled (default: propagate to the volume's ends)")
     out = p.add_argument_group("output")
     out.add_argument("--output", type=Path, required=True, help="output folder")
     out.add_argument("--dicom-seg", action="store_true", help="also write a DICOM-SEG for DICOM inputs")
@@ -220,6 +223,16 @@ def _run_segment(args: argparse.Namespace) -> int:
                     args.checkpoint, args.model_size, args.image_size, window, device, args.precision,
                     args.encoder_batch_size, demo=args.demo,
                 )
+        if args.stop_after_absent is not None and args.stop_after_absent < 1:
+            raise PipelineError(f"--stop-after-absent must be >= 1, got {args.stop_after_absent}")
+        build = factory
+
+        def factory():
+            model = build()
+            if args.stop_after_absent is not None and hasattr(model.network, "stop_after_absent"):
+                model.network.stop_after_absent = args.stop_after_absent
+            return model
+
         factory = functools.cache(factory)  # built once, and only when a case needs it
         # fail fast, before any case: a bundle that cannot serve, random weights not asked for
         naming = None

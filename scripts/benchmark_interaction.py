@@ -407,8 +407,10 @@ def main() -> None:
     p.add_argument("--stop-after", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--no-builtin", action="store_true", help="skip MONAI Label's sam_3d")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output-dir", type=Path, default=ROOT / "eval" / "interaction")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    # the organ bundle trains on phantoms 0-9: these are unseen volumes
+    p.add_argument("--phantom-seed", type=int, default=1000, help="phantom i uses this seed + i")
+    p.add_argument("--output-dir", type=Path, default=ROOT / "docs" / "interaction")
     p.add_argument("--output", type=Path, default=ROOT / "docs" / "results_interaction.json")
     p.add_argument("--results-md", type=Path, default=ROOT / "docs" / "results.md")
     opts = p.parse_args()

@@ -177,3 +177,23 @@ def test_command_line_errors_are_clear(case, checkpoint, tmp_path, caplog):
 def test_case_names():
     assert case_name("/data/ct_001.nii.gz") == "ct_001"
     assert case_name("/data/series_folder") == "series_folder"
+
+
+def test_stop_after_absent_reaches_the_propagation(case, checkpoint, tmp_path, monkeypatch):
+    from monai_sam.networks.sam2_volume import Sam2VolumeSegmenter
+
+    root, _, _, _ = case
+    seen = []
+    real = Sam2VolumeSegmenter._run
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs.get("stop_after_absent"))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Sam2VolumeSegmenter, "_run", spy)
+    argv = ["segment", "--input", str(root / "phantom_ct.nii.gz"), "--prompts", _prompt_file(case),
+            "--checkpoint", str(checkpoint), "--output", str(tmp_path / "out"), "--image-size", str(S),
+            "--device", "cpu", "--stop-after-absent", "2"]
+    assert main(argv) == 0
+    assert seen and set(seen) == {2}
+    assert main([*argv[:-1], "0", "--overwrite"]) != 0  # K must be at least 1
