@@ -12,10 +12,6 @@ import hashlib
 import json
 import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -36,12 +32,12 @@ from monai_sam.engines import read_model_record
 from monai_sam.engines.checkpoint import trained_weights
 from monai_sam.label.feature_store import VolumeFeatures, VolumeFeatureStore
 from monai_sam.label.prompting import VoxelMap, parse_request
+from monai_sam.label.server import slicer_roi
 from monai_sam.networks import build_sam2_model
 from monai_sam.prompts import ObjectPrompts, PromptError, SlicePrompt
 from monai_sam.segment import segment_volume
 
 REPO = Path(__file__).resolve().parents[1]
-APP_DIR = REPO / "monai_sam" / "label"
 CT_BUNDLE = REPO / "bundles" / "sam2_ct_abdominal_organs"
 S = 128  # model input size
 SHAPE = (48, 48, 10)
@@ -211,23 +207,6 @@ def test_a_click_on_an_organ_voxel_lands_on_that_organ(studies, checkpoint):
     # Slicer/OHIF deepgrow style: foreground/background for the selected label
     parsed = parse_request({"foreground": [spleen], "background": [], "label": "spleen"}, vmap, LABELS)
     assert [(o.object_id, o.name) for o in parsed.objects] == [(SPLEEN, "spleen")]
-
-
-def slicer_roi(affine: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> list[int]:
-    """The ``roi`` 3D Slicer's MONAI Label plugin (0.8.5, ``getROIPointsXYZ``) sends for a box
-    drawn around stored voxels ``lo..hi``: the ROI node's RAS bounds (centre -/+ size / 2), its
-    min and max corners through ``RASToIJK``, rounded, zipped per axis."""
-    bounds = list(zip(lo, hi, strict=True))
-    corners = np.array([[x, y, z, 1.0] for x in bounds[0] for y in bounds[1] for z in bounds[2]])
-    ras = (affine @ corners.T).T[:, :3]
-    centre, size = (ras.min(0) + ras.max(0)) / 2, ras.max(0) - ras.min(0)
-    roi_points_ras = [v for x, s_ in zip(centre, size, strict=True) for v in (x - s_ / 2, x + s_ / 2)]
-    min_points_ras = [roi_points_ras[0], roi_points_ras[2], roi_points_ras[4], 1.0]
-    max_points_ras = [roi_points_ras[1], roi_points_ras[3], roi_points_ras[5], 1.0]
-    ras_to_ijk = np.linalg.inv(affine)
-    min_ijk = [round(v) for v in ras_to_ijk @ min_points_ras]
-    max_ijk = [round(v) for v in ras_to_ijk @ max_points_ras]
-    return [v for pair in zip(min_ijk[0:3], max_ijk[0:3], strict=True) for v in pair]
 
 
 def _liver_roi(root: Path, label: np.ndarray) -> tuple[list[int], tuple]:
@@ -620,85 +599,21 @@ def test_train_task_runs_the_bundle_workflow_on_the_datastore_labels(tmp_path, s
 # ----------------------------------------------------------------------------- real server
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _monailabel() -> list[str]:
-    exe = Path(sys.executable).with_name("monailabel")
-    if exe.is_file():
-        return [str(exe)]
-    found = shutil.which("monailabel")
-    return [found] if found else [sys.executable, "-m", "monailabel.main"]
-
-
 @pytest.fixture(scope="module")
 def server(studies, checkpoint, tmp_path_factory):
     """``monailabel start_server --app monai_sam/label`` on a free loopback port; killed afterwards."""
+    from monai_sam.label.server import running_server
+
     root, _ = studies
     tmp = tmp_path_factory.mktemp("server")
     bundle = _bundle_copy(tmp, image_size=S)
-    port = _free_port()
     conf = {**_conf(checkpoint), "bundle": str(bundle)}
     conf.pop("labels")  # the bundle's label map
-    cmd = [
-        *_monailabel(),
-        "start_server",
-        "--app",
-        str(APP_DIR),
-        "--studies",
-        str(root),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
-    for k, v in conf.items():
-        cmd += ["--conf", k, v]
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-        "OMP_NUM_THREADS": "1",
-        "MONAI_LABEL_DATASTORE_AUTO_RELOAD": "false",
-        "MONAI_LABEL_SESSION_PATH": str(tmp / "sessions"),
-    }
-    log = open(tmp / "server.log", "w")
-    proc = subprocess.Popen(
-        cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp, start_new_session=True
-    )
-    url = f"http://127.0.0.1:{port}"
     try:
-        import requests
-
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(
-                    f"server exited with {proc.returncode}:\n{(tmp / 'server.log').read_text()[-3000:]}"
-                )
-            try:
-                if requests.get(f"{url}/info/", timeout=5).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(
-                    f"server did not answer /info in 120 s:\n{(tmp / 'server.log').read_text()[-3000:]}"
-                )
-            time.sleep(1)
-        yield url, bundle
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=20)
-        except ProcessLookupError:
-            pass
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=20)
-        log.close()
+        with running_server(root, conf, tmp) as (url, _):
+            yield url, bundle
+    except RuntimeError as err:
+        pytest.fail(str(err))
 
 
 @pytest.mark.slow
