@@ -627,6 +627,7 @@ def test_real_server_with_monai_label_client(server, studies, checkpoint):
     assert "monai_sam_interactive" in info["models"] and "monai_sam_auto" not in info["models"]
     assert list(info["labels"])[:2] == ["liver", "spleen"]
     assert set(info["trainers"]) == {"bundle"}
+    assert {"random", "first", "last"} <= set(info["strategies"])
 
     def cache() -> dict:
         return client.info()["models"]["monai_sam_interactive"]["feature_cache"]
@@ -698,6 +699,22 @@ def test_real_server_with_monai_label_client(server, studies, checkpoint):
     assert final["hits"] == second["hits"] + 7  # the malformed request read ct_a's kept features too
     assert json.loads(json.dumps(final))["encoded_slices"] == 2 * SHAPE[2]
     assert final["bytes"] <= final["max_bytes"] and final["entries"] <= final["max_entries"]
+
+
+@pytest.mark.slow
+def test_real_server_refuses_random_weights_unless_told_demo(studies, tmp_path):
+    from monai_sam.label.server import running_server
+
+    root, _ = studies
+    conf = {"bundle": "none", "image_size": str(S), "labels": "liver,spleen", "window": "abdomen"}
+    with pytest.raises(RuntimeError, match="--conf demo true"):
+        with running_server(root, conf, tmp_path / "refused", timeout_s=90):
+            pass
+    with running_server(root, {**conf, "demo": "true"}, tmp_path / "demo", timeout_s=90) as (url, _):
+        import requests
+
+        info = requests.get(f"{url}/info/", timeout=30).json()
+        assert "DEMO" in info["monai_sam"]["demo"]
 
 
 # ----------------------------------------------------------------------------- DICOMweb (Orthanc)
