@@ -69,6 +69,7 @@ logger = logging.getLogger("benchmark_inference")
 ROOT = Path(__file__).resolve().parents[1]
 # benchmark the checkout this script belongs to, whatever copy of monai_sam is installed
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # the SAM2VideoPredictor reference (helpers_oracle)
 ORGANS = {1: "liver", 2: "spleen", 3: "kidney_right", 4: "kidney_left", 5: "aorta"}
 MARK_BEGIN = "<!-- BEGIN inference-benchmark (scripts/benchmark_inference.py writes this table) -->"
 MARK_END = "<!-- END inference-benchmark -->"
@@ -244,9 +245,10 @@ def worker(args: argparse.Namespace) -> None:
         raise RuntimeError(f"--malloc-library {args.malloc_library} was not loaded (LD_PRELOAD ignored?)")
 
     # every import before measuring: both sides start from the same process footprint
+    from helpers_oracle import video_predictor_logits
     from PIL import Image
 
-    from monai_sam.networks import Sam2VolumeSegmenter, VolumeFrames, video_predictor_logits
+    from monai_sam.networks import Sam2VolumeSegmenter, VolumeFrames
     from monai_sam.networks.sam2_volume import frames_from_sam_input
     from monai_sam.transforms import SamInput
 

@@ -52,6 +52,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # benchmark this checkout whatever copy of monai_sam is installed
 sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(ROOT / "tests"))  # the SAM2VideoPredictor reference (helpers_oracle)
 logger = logging.getLogger("benchmark_interaction")
 
 MARK_BEGIN = "<!-- BEGIN interaction-benchmark (scripts/benchmark_interaction.py writes this table) -->"
@@ -220,9 +221,11 @@ def run_builtin(
 def run_early_stop(
     network, size: str, image_size: int, cases: list[dict], opts: argparse.Namespace
 ) -> list[dict]:
+    from helpers_oracle import video_predictor_logits
+
     from monai_sam.evaluation.interaction import box_prompt, mask_scores
     from monai_sam.inferers import propagate_to_label
-    from monai_sam.networks import VolumeFrames, build_sam2_video_predictor_model, video_predictor_logits
+    from monai_sam.networks import VolumeFrames, build_sam2_video_predictor_model
     from monai_sam.networks.sam2_volume import frames_from_sam_input
     from monai_sam.prompts import ObjectPrompts
     from monai_sam.transforms import SamInput

@@ -19,9 +19,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers_oracle import video_predictor_logits
 
 from monai_sam.networks import Sam2VolumeSegmenter, build_sam2_model, build_sam2_video_predictor_model
-from monai_sam.networks.sam2_volume import frames_from_sam_input, video_predictor_logits
+from monai_sam.networks.sam2_volume import frames_from_sam_input
 from monai_sam.prompts import ObjectPrompts, SlicePrompt
 from monai_sam.transforms import SamInput
 

@@ -28,13 +28,6 @@ from .prompt_free import (
     PromptFreeSamSegmenter,
     build_prompt_free_segmenter,
 )
-from .sam_image import (
-    Sam2ImageSegmenter,
-    SamImageSegmenter,
-    build_image_model,
-    build_image_segmenter,
-    frames_from_image,
-)
 from .sam2_volume import (
     NO_OBJ_SCORE,
     FrameSource,
@@ -42,7 +35,13 @@ from .sam2_volume import (
     TensorFrames,
     VolumeFrames,
     frames_from_sam_input,
-    video_predictor_logits,
+)
+from .sam_image import (
+    Sam2ImageSegmenter,
+    SamImageSegmenter,
+    build_image_model,
+    build_image_segmenter,
+    frames_from_image,
 )
 
 __all__ = [
@@ -69,7 +68,6 @@ __all__ = [
     "TensorFrames",
     "VolumeFrames",
     "frames_from_sam_input",
-    "video_predictor_logits",
     "HEADS",
     "AutoSamHead",
     "ConvHead",

@@ -143,6 +143,20 @@ class _Cohort:
     maskmem_pos_enc: list[Tensor] | None = None
 
 
+@dataclass
+class _Propagation:
+    """One propagation's state: the objects grouped in cohorts, the features, the settings."""
+
+    prompts: list[ObjectPrompts]
+    cohorts: list[_Cohort]
+    stream: _FeatureStream
+    num_frames: int
+    original_size: tuple[int, int]
+    direction: str
+    differentiable: bool
+    can_prune: bool  # drop spatial memories no later slice reads (inference, stride 1)
+
+
 class _AbsenceStop:
     """Ends a pass of propagation for the objects SAM2 has called absent ``k`` slices in a row.
 
@@ -452,32 +466,32 @@ class Sam2VolumeSegmenter(nn.Module):
     # ------------------------------------------------------------------ frame step
     def _step(
         self,
-        frame_idx,
-        is_cond,
-        feats,
-        pos,
-        sizes,
-        point_inputs,
-        mask_inputs,
-        output_dict,
-        num_frames,
-        reverse,
-        run_mem_encoder,
+        frame_idx: int,
+        is_cond: bool,
+        feats: list[Tensor],
+        pos: list[Tensor],
+        sizes: list[tuple[int, int]],
+        memory: dict,
+        num_frames: int,
+        reverse: bool = False,
+        point_inputs: dict | None = None,
+        mask_inputs: Tensor | None = None,
+        run_mem_encoder: bool = True,
     ) -> dict[str, Any]:
         """One frame of SAM2 tracking: ``track_step``'s two halves, keeping the object scores."""
         m = self.model
         current_out, sam_outputs, _, _ = m._track_step(
-            frame_idx,
-            is_cond,
-            feats,
-            pos,
-            sizes,
-            point_inputs,
-            mask_inputs,
-            output_dict,
-            num_frames,
-            reverse,
-            None,
+            frame_idx=frame_idx,
+            is_init_cond_frame=is_cond,
+            current_vision_feats=feats,
+            current_vision_pos_embeds=pos,
+            feat_sizes=sizes,
+            point_inputs=point_inputs,
+            mask_inputs=mask_inputs,
+            output_dict=memory,
+            num_frames=num_frames,
+            track_in_reverse=reverse,
+            prev_sam_mask_logits=None,
         )
         _, _, ious, low_res_masks, high_res_masks, obj_ptr, object_score_logits = sam_outputs
         current_out["pred_masks"] = low_res_masks
@@ -572,11 +586,10 @@ class Sam2VolumeSegmenter(nn.Module):
                 feats,
                 pos,
                 sizes,
-                point_inputs,
-                mask_inputs,
-                {"cond_frame_outputs": {}, "non_cond_frame_outputs": {}},
-                num_frames,
-                False,
+                memory={"cond_frame_outputs": {}, "non_cond_frame_outputs": {}},
+                num_frames=num_frames,
+                point_inputs=point_inputs,
+                mask_inputs=mask_inputs,
                 run_mem_encoder=differentiable and self.model.training and needs_memory,
             )
             if out["maskmem_features"] is None and needs_memory:
@@ -638,23 +651,17 @@ class Sam2VolumeSegmenter(nn.Module):
                 )
         return num_frames, original_size
 
-    def _run(
+    def _setup(
         self,
         source,
         features,
         prompts,
         original_size,
-        output_size,
-        direction,
-        start,
-        differentiable,
-        output_device,
-        progress,
-        output_dtype=torch.float32,
-        sink: SliceSink | None = None,
-        scores_sink: ScoreSink | None = None,
-        stop_after_absent: int | None = None,
-    ) -> tuple[Any, Any]:
+        direction: str,
+        start: str | None,
+        differentiable: bool,
+    ) -> _Propagation:
+        """Check the inputs and group the objects: everything a propagation needs before its first step."""
         if direction not in ("both", "forward", "backward"):
             raise ValueError(f"direction must be 'both', 'forward' or 'backward', got {direction!r}")
         start = start or self.start
@@ -662,68 +669,30 @@ class Sam2VolumeSegmenter(nn.Module):
             raise ValueError(f"start must be 'object' or 'earliest', got {start!r}")
         num_frames, original_size = self._check_inputs(source, features, prompts, original_size)
         prompts = [prompts] if isinstance(prompts, ObjectPrompts) else list(prompts)
-        out_hw = tuple(int(v) for v in (output_size or original_size))
-        n_obj = len(prompts)
         stream = _FeatureStream(
             self, source, features, num_frames, self.encoder_batch_size, keep_all=differentiable
         )
-        cohorts = self._cohorts(prompts, start)
-        num_maskmem = int(self.model.num_maskmem)
-        can_prune = not differentiable and int(self.model.memory_temporal_stride_for_eval) == 1
+        return _Propagation(
+            prompts=prompts,
+            cohorts=self._cohorts(prompts, start),
+            stream=stream,
+            num_frames=num_frames,
+            original_size=original_size,
+            direction=direction,
+            differentiable=differentiable,
+            can_prune=not differentiable and int(self.model.memory_temporal_stride_for_eval) == 1,
+        )
 
-        if differentiable:
-            results: dict[tuple[int, int], Tensor] = {}
-            scores: dict[tuple[int, int], Tensor] = {}
-            ious: dict[tuple[int, int], Tensor] = {}
-            logits = None
-        elif sink is not None:
-            logits = None
-            delivered: set[tuple[int, int]] = set()  # key slices come up once per pass
-        else:
-            logits = torch.full(
-                (n_obj, num_frames, *out_hw), NO_OBJ_SCORE, dtype=output_dtype, device=output_device
-            )
-
-        def record(cohort: _Cohort, f: int, out: dict[str, Any], blank: Tensor | None = None) -> None:
-            low = out["pred_masks"]
-            if blank is not None and bool(blank.any()):  # objects whose pass has ended
-                low = low.clone()
-                low[blank.to(low.device)] = NO_OBJ_SCORE
-            if differentiable:
-                results[(id(cohort), f)] = low
-                scores[(id(cohort), f)] = out["object_score_logits"]
-                ious[(id(cohort), f)] = out["iou_pred"]
-                return
-            if scores_sink is not None:
-                scores_sink(
-                    cohort.rows,
-                    f,
-                    out["object_score_logits"].detach().float().reshape(-1).cpu(),
-                    out["iou_pred"].detach().float().reshape(-1).cpu(),
-                )
-            if sink is not None:
-                if (id(cohort), f) in delivered:
-                    return
-                delivered.add((id(cohort), f))
-            up = low.float()
-            if tuple(up.shape[-2:]) != out_hw:
-                up = F.interpolate(up, size=out_hw, mode="bilinear", align_corners=False)
-            if sink is not None:
-                sink(cohort.rows, f, up[:, 0].to(output_device, output_dtype))
-            else:
-                logits[cohort.rows, f] = up[:, 0].to(output_device, output_dtype)
-
-        # 1) conditioning slices: the objects of a cohort whose prompts have the same form (a
-        #    mask, or the same number of points) in one batch, then their memory; the cohort's
-        #    outputs are kept in its row order
-        cond_jobs = sorted({k for c in cohorts for k in c.key_slices})
-        needs_memory = num_frames > 1  # a single frame's memory is never read: not encoded
-        for k in cond_jobs:
-            for cohort in (c for c in cohorts if k in c.key_slices):
+    def _condition(self, run: _Propagation) -> None:
+        """The key slices first: a cohort's objects whose prompts have the same form (a mask, or
+        the same number of points) in one batch, then their memory, kept in the cohort's row order."""
+        needs_memory = run.num_frames > 1  # a single frame's memory is never read: not encoded
+        for k in sorted({k for c in run.cohorts for k in c.key_slices}):
+            for cohort in (c for c in run.cohorts if k in c.key_slices):
                 groups: dict[tuple, list[tuple[int, dict | None, Tensor | None]]] = {}
                 for pos_in_cohort, row in enumerate(cohort.rows):
-                    sp = next(p for p in prompts[row].slices if p.slice_index == k)
-                    point_inputs, mask_inputs = self._model_prompt(sp, original_size)
+                    sp = next(p for p in run.prompts[row].slices if p.slice_index == k)
+                    point_inputs, mask_inputs = self._model_prompt(sp, run.original_size)
                     form = (
                         ("mask",)
                         if mask_inputs is not None
@@ -734,87 +703,133 @@ class Sam2VolumeSegmenter(nn.Module):
                 outs = []
                 for members in groups.values():
                     order += [m[0] for m in members]
-                    outs.append(self._cond_step(k, members, stream, num_frames, differentiable, needs_memory))
+                    outs.append(
+                        self._cond_step(
+                            k, members, run.stream, run.num_frames, run.differentiable, needs_memory
+                        )
+                    )
                 merged = {key: _stack_objects([o[key] for o in outs]) for key in _MEMORY_KEYS}
                 if order != sorted(order):
                     merged = _take_objects(merged, torch.argsort(torch.tensor(order)))
-                cohort.output_dict["cond_frame_outputs"][k] = self._compact(merged, cohort, differentiable)
+                cohort.output_dict["cond_frame_outputs"][k] = self._compact(
+                    merged, cohort, run.differentiable
+                )
 
-        # 2) propagate: forward from the start slice to the end, then backward to the first slice
-        passes: list[tuple[int, bool]] = []
-        if direction in ("both", "forward"):
-            passes.append((+1, False))
-        if direction in ("both", "backward"):
-            passes.append((-1, True))
-        frame_steps = 0
-        for step, reverse in passes:
-            stop = _AbsenceStop(None if differentiable else stop_after_absent)
+    def _track(self, run: _Propagation, cohort: _Cohort, f: int, step: int) -> dict[str, Any]:
+        """One memory-conditioned slice of a cohort, stored in its memory bank."""
+        reverse = step < 0
+        feats, pos, sizes = run.stream.get(f, step, len(cohort.rows))
+        with self._autocast():
+            memory = (
+                cohort.output_dict if run.differentiable else self._readable(cohort.output_dict, f, reverse)
+            )
+            out = self._step(f, False, feats, pos, sizes, memory, run.num_frames, reverse)
+        compact = self._compact(out, cohort, run.differentiable)
+        cohort.output_dict["non_cond_frame_outputs"][f] = compact
+        if run.can_prune:
+            self._prune(cohort, f, step, int(self.model.num_maskmem), run.direction)
+        return compact
+
+    def _frames(
+        self, run: _Propagation, progress: bool = False, stop_after_absent: int | None = None
+    ) -> Iterator[tuple[_Cohort, int, dict[str, Any]]]:
+        """``(cohort, slice, outputs)`` in propagation order: forward from each cohort's start slice
+        to the end, then backward to the first slice, as ``SAM2VideoPredictor`` runs.
+
+        A key slice comes up each time a pass reaches it (its conditioning outputs). With
+        ``stop_after_absent`` (inference only) an object whose pass has ended comes up with an
+        empty mask, and a cohort whose objects have all ended is not tracked further in that pass.
+        """
+        passes = [(+1, "forward"), (-1, "backward")]
+        passes = [(step, name) for step, name in passes if run.direction in ("both", name)]
+        steps = 0
+        for step, name in passes:
+            stop = _AbsenceStop(None if run.differentiable else stop_after_absent)
             if step > 0:
-                order = range(min(c.start for c in cohorts), num_frames)
+                order = range(min(c.start for c in run.cohorts), run.num_frames)
             else:
-                order = range(max(c.start for c in cohorts), -1, -1)
-            for f in _progress(order, progress, "propagate backward" if reverse else "propagate forward"):
-                for cohort in cohorts:
+                order = range(max(c.start for c in run.cohorts), -1, -1)
+            for f in _progress(order, progress, f"propagate {name}"):
+                for cohort in run.cohorts:
                     if (step > 0 and f < cohort.start) or (step < 0 and f > cohort.start):
                         continue
                     cond = cohort.output_dict["cond_frame_outputs"]
-                    non_cond = cohort.output_dict["non_cond_frame_outputs"]
                     if f in cond:
                         stop.reset(cohort)
-                        record(cohort, f, cond[f])
+                        yield cohort, f, cond[f]
                         continue
                     ended = stop.stopped(cohort)
                     if bool(ended.all()):
                         continue
-                    feats, pos, sizes = stream.get(f, step, len(cohort.rows))
-                    with self._autocast():
-                        memory = (
-                            cohort.output_dict
-                            if differentiable
-                            else self._readable(cohort.output_dict, f, reverse)
-                        )
-                        out = self._step(
-                            f,
-                            False,
-                            feats,
-                            pos,
-                            sizes,
-                            None,
-                            None,
-                            memory,
-                            num_frames,
-                            reverse,
-                            run_mem_encoder=True,
-                        )
-                    frame_steps += 1
-                    compact = self._compact(out, cohort, differentiable)
-                    non_cond[f] = compact
-                    record(cohort, f, compact, blank=ended)
-                    stop.update(cohort, compact["object_score_logits"])
-                    if can_prune:
-                        self._prune(cohort, f, step, num_maskmem, direction)
-        self.last_encoded_slices = stream.encoded
-        self.last_frame_steps = frame_steps
+                    out = self._track(run, cohort, f, step)
+                    steps += 1
+                    stop.update(cohort, out["object_score_logits"])
+                    yield cohort, f, _blanked(out, ended)
+        self.last_encoded_slices = run.stream.encoded
+        self.last_frame_steps = steps
 
-        if not differentiable:
-            return logits, None
-        # assemble (N, T, h, w) keeping the autograd graph
-        low_hw = next(iter(results.values())).shape[-2:]
+    @staticmethod
+    def _collect(
+        frames: Iterator[tuple[_Cohort, int, dict[str, Any]]],
+        run: _Propagation,
+        out_hw: tuple[int, int],
+        output_device: str | torch.device,
+        output_dtype: torch.dtype,
+        sink: SliceSink | None,
+        scores: ScoreSink | None,
+    ) -> Tensor | None:
+        """Inference: each object's slice once, to ``sink`` or into ``(N, T, H, W)`` logits."""
+        logits = None
+        if sink is None:
+            shape = (len(run.prompts), run.num_frames, *out_hw)
+            logits = torch.full(shape, NO_OBJ_SCORE, dtype=output_dtype, device=output_device)
+        # a slice can come up in both passes (a key slice; with start="earliest" also the slices
+        # between the start and a later key slice): the collected logits keep the last answer,
+        # as the video predictor's do; a sink gets each slice once, the first time
+        delivered: set[tuple[int, int]] = set()
+        for cohort, f, out in frames:
+            if scores is not None:
+                score = out["object_score_logits"].detach().float().reshape(-1).cpu()
+                scores(cohort.rows, f, score, out["iou_pred"].detach().float().reshape(-1).cpu())
+            if sink is not None:
+                if (id(cohort), f) in delivered:
+                    continue
+                delivered.add((id(cohort), f))
+            up = out["pred_masks"].float()
+            if tuple(up.shape[-2:]) != out_hw:
+                up = F.interpolate(up, size=out_hw, mode="bilinear", align_corners=False)
+            up = up[:, 0].to(output_device, output_dtype)
+            if sink is not None:
+                sink(cohort.rows, f, up)
+            else:
+                logits[cohort.rows, f] = up
+        return logits
+
+    def _assemble(
+        self,
+        frames: Iterator[tuple[_Cohort, int, dict[str, Any]]],
+        run: _Propagation,
+        out_hw: tuple[int, int],
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Training: ``(N, T, h, w)`` logits, object scores and IoUs, keeping the autograd graph."""
+        results = {(id(cohort), f): out for cohort, f, out in frames}
+        low_hw = next(iter(results.values()))["pred_masks"].shape[-2:]
         fill = torch.full((1, *low_hw), NO_OBJ_SCORE, device=self.device)
+        n_obj, num_frames = len(run.prompts), run.num_frames
         rows: list[list[Tensor]] = [[fill] * num_frames for _ in range(n_obj)]
         no_score = torch.full((), NO_OBJ_SCORE, device=self.device)
         no_iou = torch.zeros((), device=self.device)
         obj_scores: list[list[Tensor]] = [[no_score] * num_frames for _ in range(n_obj)]
         iou_preds: list[list[Tensor]] = [[no_iou] * num_frames for _ in range(n_obj)]
-        for cohort in cohorts:
+        for cohort in run.cohorts:
             for f in range(num_frames):
-                low = results.get((id(cohort), f))
-                if low is None:
+                out = results.get((id(cohort), f))
+                if out is None:
                     continue
                 for n, row in enumerate(cohort.rows):
-                    rows[row][f] = low[n]
-                    obj_scores[row][f] = scores[(id(cohort), f)][n].reshape(())
-                    iou_preds[row][f] = ious[(id(cohort), f)][n].reshape(())
+                    rows[row][f] = out["pred_masks"][n]
+                    obj_scores[row][f] = out["object_score_logits"][n].reshape(())
+                    iou_preds[row][f] = out["iou_pred"][n].reshape(())
         stacked = torch.stack([torch.cat(r) for r in rows]).float()  # (N, T, h, w)
         if tuple(stacked.shape[-2:]) != out_hw:
             stacked = F.interpolate(stacked, size=out_hw, mode="bilinear", align_corners=False)
@@ -894,25 +909,15 @@ class Sam2VolumeSegmenter(nn.Module):
         was_training = self.model.training
         self.model.eval()
         try:
-            logits, _ = self._run(
-                source,
-                features,
-                prompts,
-                original_size,
-                output_size,
-                direction,
-                start,
-                differentiable=False,
-                output_device=output_device,
-                progress=progress,
-                output_dtype=output_dtype,
-                sink=sink,
-                scores_sink=scores,
-                stop_after_absent=stop_after,
+            run = self._setup(
+                source, features, prompts, original_size, direction, start, differentiable=False
             )
+            self._condition(run)
+            out_hw = tuple(int(v) for v in (output_size or run.original_size))
+            frames = self._frames(run, progress, stop_after)
+            return self._collect(frames, run, out_hw, output_device, output_dtype, sink, scores)
         finally:
             self.model.train(was_training)
-        return logits
 
     def forward(
         self,
@@ -931,18 +936,10 @@ class Sam2VolumeSegmenter(nn.Module):
         "object_score_logits": (N, T)}`` with ``(h, w)`` = ``output_size`` or the original size.
         """
         source = _as_frame_source(frames) if frames is not None else None
-        logits, extras = self._run(
-            source,
-            features,
-            prompts,
-            original_size,
-            output_size,
-            direction,
-            start,
-            differentiable=True,
-            output_device=self.device,
-            progress=False,
-        )
+        run = self._setup(source, features, prompts, original_size, direction, start, differentiable=True)
+        self._condition(run)
+        out_hw = tuple(int(v) for v in (output_size or run.original_size))
+        logits, extras = self._assemble(self._frames(run), run, out_hw)
         return {"logits": logits, **extras}
 
     # ------------------------------------------------------------------ the trainer's protocol
@@ -975,6 +972,15 @@ class Sam2VolumeSegmenter(nn.Module):
         prompts = list(item["prompts"])
         target = torch.stack([(label == o.object_id).permute(2, 0, 1) for o in prompts]).float()
         return {"prompts": prompts, "original_size": tuple(int(v) for v in label.shape[:2])}, target
+
+
+def _blanked(out: dict[str, Any], ended: Tensor) -> dict[str, Any]:
+    """``out`` with the masks of the objects whose pass has ended emptied (a copy; memory keeps its own)."""
+    if not bool(ended.any()):
+        return out
+    masks = out["pred_masks"].clone()
+    masks[ended.to(masks.device)] = NO_OBJ_SCORE
+    return {**out, "pred_masks": masks}
 
 
 def _stack_objects(values: list[Any]) -> Any:
@@ -1035,76 +1041,4 @@ def frames_from_sam_input(image: Tensor) -> Tensor:
     return image.permute(3, 0, 1, 2)
 
 
-def video_predictor_logits(
-    predictor: nn.Module,
-    prompts: Sequence[ObjectPrompts],
-    original_size: tuple[int, int],
-    frames: Tensor | None = None,
-    video_path: str | None = None,
-    direction: Direction = "both",
-    start: Literal["object", "earliest"] = "object",
-) -> Tensor:
-    """The same segmentation by ``sam2``'s own ``SAM2VideoPredictor``: the reference.
-
-    Either ``frames`` ``(T, 3, S, S)`` (fed to ``init_state`` as a tensor, standing in for
-    ``load_video_frames``) or ``video_path`` (a JPEG folder, as MONAI Label does). Prompts are
-    added with ``add_new_points_or_box`` / ``add_new_mask`` in slice order, then
-    ``propagate_in_video`` runs forward and/or with ``reverse=True``. ``start="object"`` runs one
-    predictor session per group of objects sharing key slices (each starts at its own earliest
-    key slice), ``"earliest"`` one session with all objects. Returns ``(N, T, H, W)`` logits.
-    """
-    import sam2.sam2_video_predictor as svp
-
-    h, w = int(original_size[0]), int(original_size[1])
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for row, obj in enumerate(prompts):
-        key = tuple(obj.key_slices) if start == "object" else ()
-        groups.setdefault(key, []).append(row)
-    logits: Tensor | None = None
-    for rows in groups.values():
-        if video_path is None:
-            if frames is None:
-                raise ValueError("give frames or video_path")
-            original_loader = svp.load_video_frames
-            svp.load_video_frames = lambda **kw: (frames.to(kw["compute_device"]).float(), h, w)
-            try:
-                state = predictor.init_state(video_path="<in-memory frames>")
-            finally:
-                svp.load_video_frames = original_loader
-        else:
-            state = predictor.init_state(video_path=str(video_path))
-        num_frames = int(state["num_frames"])
-        if logits is None:
-            logits = torch.full((len(prompts), num_frames, h, w), NO_OBJ_SCORE)
-        for row in rows:
-            obj = prompts[row]
-            for sp in sorted(obj.slices, key=lambda p: p.slice_index):
-                if sp.mask is not None:
-                    predictor.add_new_mask(state, sp.slice_index, obj.object_id, torch.as_tensor(sp.mask))
-                else:
-                    predictor.add_new_points_or_box(
-                        state,
-                        sp.slice_index,
-                        obj.object_id,
-                        points=None if sp.points is None else sp.points,
-                        labels=None if sp.points is None else sp.point_labels,
-                        box=sp.box,
-                    )
-        passes = [
-            r
-            for r, on in (
-                (False, direction in ("both", "forward")),
-                (True, direction in ("both", "backward")),
-            )
-            if on
-        ]
-        for reverse in passes:
-            for f, obj_ids, masks in predictor.propagate_in_video(state, reverse=reverse):
-                by_id = {oid: n for n, oid in enumerate(obj_ids)}
-                for row in rows:
-                    logits[row, f] = masks[by_id[prompts[row].object_id], 0].float().cpu()
-        predictor.reset_state(state)
-    return logits
-
-
-__all__ += ["frames_from_sam_input", "video_predictor_logits", "PromptError"]
+__all__ += ["frames_from_sam_input", "PromptError"]
