@@ -184,13 +184,13 @@ def test_stop_after_absent_reaches_the_propagation(case, checkpoint, tmp_path, m
 
     root, _, _, _ = case
     seen = []
-    real = Sam2VolumeSegmenter._run
+    real = Sam2VolumeSegmenter._frames  # the propagation loop, where the early stop acts
 
-    def spy(self, *args, **kwargs):
-        seen.append(kwargs.get("stop_after_absent"))
-        return real(self, *args, **kwargs)
+    def spy(self, run, progress=False, stop_after_absent=None):
+        seen.append(stop_after_absent)
+        return real(self, run, progress, stop_after_absent)
 
-    monkeypatch.setattr(Sam2VolumeSegmenter, "_run", spy)
+    monkeypatch.setattr(Sam2VolumeSegmenter, "_frames", spy)
     argv = ["segment", "--input", str(root / "phantom_ct.nii.gz"), "--prompts", _prompt_file(case),
             "--checkpoint", str(checkpoint), "--output", str(tmp_path / "out"), "--image-size", str(S),
             "--device", "cpu", "--stop-after-absent", "2"]
