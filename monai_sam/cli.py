@@ -212,23 +212,19 @@ def _run_segment(args: argparse.Namespace) -> int:
         rank, world, local_rank = rank_and_world()
         device = resolve_device(args.device, local_rank)
         window = None if str(args.window).lower() == "none" else args.window
-        if args.bundle is not None:
-            def factory():
-                return load_bundle_model(
+        if args.stop_after_absent is not None and args.stop_after_absent < 1:
+            raise PipelineError(f"--stop-after-absent must be >= 1, got {args.stop_after_absent}")
+
+        def factory():
+            if args.bundle is not None:
+                model = load_bundle_model(
                     args.bundle, args.checkpoint, device=device, need_auto=args.auto, demo=args.demo
                 )
-        else:
-            def factory():
-                return load_checkpoint_model(
+            else:
+                model = load_checkpoint_model(
                     args.checkpoint, args.model_size, args.image_size, window, device, args.precision,
                     args.encoder_batch_size, demo=args.demo,
                 )
-        if args.stop_after_absent is not None and args.stop_after_absent < 1:
-            raise PipelineError(f"--stop-after-absent must be >= 1, got {args.stop_after_absent}")
-        build = factory
-
-        def factory():
-            model = build()
             if args.stop_after_absent is not None and hasattr(model.network, "stop_after_absent"):
                 model.network.stop_after_absent = args.stop_after_absent
             return model

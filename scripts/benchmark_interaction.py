@@ -46,6 +46,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import torch
 
@@ -64,46 +65,32 @@ MERGE = {6: 1}  # liver tumors count as liver, as in the organ bundle
 
 
 # ----------------------------------------------------------------------------------- inputs
-def load_cases(folder: Path, opts: argparse.Namespace) -> list[dict]:
-    """The phantoms as RAS arrays: scaled image, organ labels, spacing, and the NIfTI path."""
+def load_cases(folder: Path, opts: argparse.Namespace, window: str | None) -> list:
+    """The phantoms as the model sees them (`monai_sam.evaluation.interaction.InteractionCase`)."""
     from monai_sam.data import datalist_from_decathlon
-    from monai_sam.data.loading import load_volume
     from monai_sam.data.phantom import ensure_phantom_dataset
-    from monai_sam.segment import intensity_transform
+    from monai_sam.evaluation.interaction import load_interaction_case
 
     dataset = ensure_phantom_dataset(
         folder,
         "ct",
         num_cases=opts.cases,
-        seed=opts.seed,
+        seed=opts.phantom_seed,
         shape=tuple(opts.shape),
         spacing=tuple(opts.spacing),
     )
-    cases = []
-    for item in datalist_from_decathlon(dataset)[: opts.cases]:
-        image, truth = load_volume(item["image"]), load_volume(item["label"])
-        if not np.allclose(np.asarray(image.affine)[:3, :3], np.diag(image.meta["spacing"])):
-            raise ValueError(
-                f"{item['image']}: the built-in reads the file's own array; the phantom must be RAS"
-            )
-        labels = np.rint(truth[0].numpy()).astype(np.int64)
-        for src, dst in MERGE.items():
-            labels[labels == src] = dst
-        scaled = intensity_transform("abdomen", image)(image)
-        cases.append(
-            {
-                "name": Path(item["image"]).name.split(".")[0],
-                "path": str(item["image"]),
-                "scaled": torch.as_tensor(scaled).float(),
-                "labels": labels,
-                "spacing": [float(s) for s in image.meta["spacing"]],
-            }
-        )
+    cases = [
+        load_interaction_case(item, window, MERGE) for item in datalist_from_decathlon(dataset)[: opts.cases]
+    ]
+    for case in cases:
+        affine = nib.load(case.path).affine
+        if not np.allclose(affine[:3, :3], np.diag(case.spacing)):
+            raise ValueError(f"{case.path}: the built-in reads the file's own array; the phantom must be RAS")
     return cases
 
 
 def load_network(opts: argparse.Namespace):
-    """(network, model size, image size, description of the weights)."""
+    """(network, its intensity window, model size, image size, description of the weights)."""
     from monai_sam.bundle import load_bundle_model, load_checkpoint_model
 
     torch.manual_seed(opts.seed)
@@ -121,7 +108,7 @@ def load_network(opts: argparse.Namespace):
         )
         size, image_size = opts.size, opts.image_size
         weights = Path(opts.checkpoint).name if opts.checkpoint else f"random init (seed {opts.seed}): demo"
-    return model.network, size, image_size, weights
+    return model.network, model.window, size, image_size, weights
 
 
 # ----------------------------------------------------------------------------------- part 1
@@ -148,8 +135,6 @@ class BuiltinSam3d:
         return req
 
     def __call__(self, prompts) -> np.ndarray:
-        import nibabel as nib
-
         path, _ = self.task(self.request(prompts))
         try:
             return np.asarray(nib.load(path).dataobj) > 0
@@ -157,22 +142,20 @@ class BuiltinSam3d:
             os.unlink(path)
 
 
-def run_ours(network, cases: list[dict], opts: argparse.Namespace) -> list:
-    from monai_sam.evaluation.interaction import Sam2InteractiveSession, simulate_interactions
+def run_ours(sessions: list, cases: list, opts: argparse.Namespace) -> list:
+    from monai_sam.evaluation.interaction import simulate_interactions
 
     steps = []
-    for case in cases:
-        session = Sam2InteractiveSession(network, case["scaled"], stop_after_absent=None)
-        logger.info("monai-sam %s: encoded in %.1f s", case["name"], session.encode_seconds)
+    for session, case in zip(sessions, cases, strict=True):
         for oid, name in ORGANS.items():
-            if (case["labels"] == oid).any():
+            if (case.labels == oid).any():
                 steps += simulate_interactions(
                     session,
-                    case["labels"] == oid,
-                    case["spacing"],
+                    case.labels == oid,
+                    case.spacing,
                     oid,
                     name,
-                    case["name"],
+                    case.name,
                     "monai-sam",
                     num_clicks=opts.clicks,
                 )
@@ -202,15 +185,15 @@ def run_builtin(
     steps = []
     for case in cases:
         for oid, name in ORGANS.items():
-            if (case["labels"] == oid).any():
-                segment = BuiltinSam3d(task, case["path"], name, opts.device)
+            if (case.labels == oid).any():
+                segment = BuiltinSam3d(task, case.path, name, opts.device)
                 steps += simulate_interactions(
                     segment,
-                    case["labels"] == oid,
-                    case["spacing"],
+                    case.labels == oid,
+                    case.spacing,
                     oid,
                     name,
-                    case["name"],
+                    case.name,
                     "monailabel-sam_3d",
                     num_clicks=opts.clicks,
                 )
@@ -219,13 +202,13 @@ def run_builtin(
 
 # ----------------------------------------------------------------------------------- part 2
 def run_early_stop(
-    network, size: str, image_size: int, cases: list[dict], opts: argparse.Namespace
+    network, size: str, image_size: int, sessions: list, cases: list, opts: argparse.Namespace
 ) -> list[dict]:
     from helpers_oracle import video_predictor_logits
 
     from monai_sam.evaluation.interaction import box_prompt, mask_scores
     from monai_sam.inferers import propagate_to_label
-    from monai_sam.networks import VolumeFrames, build_sam2_video_predictor_model
+    from monai_sam.networks import build_sam2_video_predictor_model
     from monai_sam.networks.sam2_volume import frames_from_sam_input
     from monai_sam.prompts import ObjectPrompts
     from monai_sam.transforms import SamInput
@@ -235,13 +218,11 @@ def run_early_stop(
     predictor.sam_mask_decoder.dynamic_multimask_via_stability = network.multimask_fallback
     predictor.eval()
     rows = []
-    for case in cases:
-        source = VolumeFrames(case["scaled"], SamInput(image_size))
-        features = network.encode_volume(source)
-        frames = frames_from_sam_input(SamInput(image_size)(case["scaled"]))
-        voxel_ml = float(np.prod(case["spacing"])) / 1000.0
+    for session, case in zip(sessions, cases, strict=True):  # the encoding part 1 made, reused
+        frames = frames_from_sam_input(SamInput(image_size)(case.scaled))
+        voxel_ml = float(np.prod(case.spacing)) / 1000.0
         for oid, name in ORGANS.items():
-            truth = case["labels"] == oid
+            truth = case.labels == oid
             if not truth.any():
                 continue
             on = np.flatnonzero(truth.any(axis=(0, 1)))
@@ -254,7 +235,9 @@ def run_early_stop(
                 if k == -1:  # includes its per-frame encoding: it has no way to take features
                     with torch.inference_mode():
                         pred = (
-                            video_predictor_logits(predictor, prompts, source.original_size, frames=frames)[0]
+                            video_predictor_logits(predictor, prompts, session.original_size, frames=frames)[
+                                0
+                            ]
                             > 0
                         )
                     pred = pred.permute(1, 2, 0).numpy()
@@ -265,9 +248,9 @@ def run_early_stop(
                             network,
                             None,
                             prompts,
-                            features=features,
-                            original_size=source.original_size,
-                            output_size=source.original_size,
+                            features=session.features,
+                            original_size=session.original_size,
+                            output_size=session.original_size,
                             stop_after_absent=k,
                         ).numpy()
                         > 0
@@ -276,10 +259,10 @@ def run_early_stop(
                 seconds = time.perf_counter() - t0
                 outside = pred.copy()
                 outside[..., on[0] : on[-1] + 1] = False
-                dice, _ = mask_scores(pred, truth, case["spacing"])
+                dice, _ = mask_scores(pred, truth, case.spacing)
                 rows.append(
                     {
-                        "case": case["name"],
+                        "case": case.name,
                         "organ": name,
                         "setting": label_,
                         "dice": dice,
@@ -419,6 +402,7 @@ def main() -> None:
     opts = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     from monai_sam.evaluation.interaction import (
+        Sam2InteractiveSession,
         plot_interaction_curves,
         summarize_interactions,
         write_interaction_csvs,
@@ -429,11 +413,14 @@ def main() -> None:
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="benchmark_interaction_") as tmp_:
         tmp = Path(tmp_)
-        cases = load_cases(tmp / "phantoms", opts)
-        network, size, image_size, weights = load_network(opts)
+        network, window, size, image_size, weights = load_network(opts)
         network.to(opts.device)
-        steps = run_ours(network, cases, opts)
-        early = run_early_stop(network, size, image_size, cases, opts)
+        cases = load_cases(tmp / "phantoms", opts, window)
+        sessions = [Sam2InteractiveSession(network, case.scaled, stop_after_absent=None) for case in cases]
+        for session, case in zip(sessions, cases, strict=True):
+            logger.info("%s: encoded in %.1f s", case.name, session.encode_seconds)
+        steps = run_ours(sessions, cases, opts)
+        early = run_early_stop(network, size, image_size, sessions, cases, opts)
         if not opts.no_builtin:  # last: it resets hydra's global configuration
             steps += run_builtin(network, size, image_size, cases, opts, tmp)
     write_interaction_csvs(steps, opts.output_dir)

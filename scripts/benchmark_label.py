@@ -285,33 +285,27 @@ def table(entries: list[dict]) -> str:
 
 def update_results_md(path: Path, entries: list[dict]) -> None:
     """Replace the table between the markers (adding the section the first time), atomically."""
-    text = path.read_text() if path.exists() else "# Results\n"
-    block = f"{MARK_BEGIN}\n{table(entries)}\n{MARK_END}"
-    if MARK_BEGIN in text and MARK_END in text:
-        head, rest = text.split(MARK_BEGIN, 1)
-        text = head + block + rest.split(MARK_END, 1)[1]
-    else:
-        text = text.rstrip("\n") + (
-            f"\n\n{SECTION}\n\n"
-            "Latency of one click on a 3D image through MONAI Label's infer task interface, first and "
-            "second click on the same image (the second adds a click on another slice of the same "
-            "organ): this app (`monai_sam_interactive`) vs MONAI Label 0.8.5's built-in `sam_3d`, same "
-            "SAM2 size, input size, image and random weights (`scripts/benchmark_label.py`; how the "
-            "built-in is run and what differs is in its docstring). Ours propagates both directions "
-            "through the whole volume; the built-in only forward from the earliest clicked slice.\n\n"
-            f"{block}\n"
-        )
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as fp:
-        fp.write(text)
-    os.replace(tmp, path)
+    from monai_sam.utils import replace_marked_block
+
+    replace_marked_block(
+        path,
+        MARK_BEGIN,
+        MARK_END,
+        table(entries),
+        f"{SECTION}\n\n"
+        "Latency of one click on a 3D image through MONAI Label's infer task interface, first and "
+        "second click on the same image (the second adds a click on another slice of the same "
+        "organ): this app (`monai_sam_interactive`) vs MONAI Label 0.8.5's built-in `sam_3d`, same "
+        "SAM2 size, input size, image and random weights (`scripts/benchmark_label.py`; how the "
+        "built-in is run and what differs is in its docstring). Ours propagates both directions "
+        "through the whole volume; the built-in only forward from the earliest clicked slice.",
+    )
 
 
 def write_json(path: Path, doc: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as fp:
-        json.dump(doc, fp, indent=2)
-    os.replace(tmp, path)
+    from monai_sam.utils import write_text_atomic
+
+    write_text_atomic(path, json.dumps(doc, indent=2))
 
 
 def main() -> None:

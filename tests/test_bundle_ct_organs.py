@@ -192,6 +192,11 @@ def test_interactive_evaluation_scores_box_and_clicks_per_organ(trained):
     with open(out / "interaction_summary.csv") as f:
         assert len(list(csv.DictReader(f))) == len(organs)
     assert (out / "interaction_curves.png").is_file()
+    # the run used the trained parts of models/model.pt, not the initial weights
+    state = torch.load(base / "bundle" / "models" / "model.pt", map_location="cpu", weights_only=True)
+    trained = trained_weights(state.get("model", state))
+    served = wf.parser.get_parsed_content("network").model.state_dict()
+    assert trained and all(torch.equal(served[name], t) for name, t in trained.items())
 
 
 def test_inference_from_labels_and_from_prompt_files(trained, tmp_path):

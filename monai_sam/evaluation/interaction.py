@@ -34,17 +34,19 @@ from monai.metrics import compute_dice, compute_surface_dice
 from scipy.ndimage import label
 
 from monai_sam.evaluation.metrics import nanmean, write_csv
+from monai_sam.evaluation.overlays import save_figure
 from monai_sam.prompts import ObjectPrompts, SlicePrompt
 from monai_sam.transforms.prompts import box_from_mask, central_pixel
-from monai_sam.utils import atomic_path
 
 __all__ = [
     "Click",
+    "InteractionCase",
     "InteractionStep",
     "Sam2InteractiveSession",
     "box_prompt",
     "interaction_auc",
     "interaction_prompts",
+    "load_interaction_case",
     "mask_scores",
     "next_click",
     "mean_curves",
@@ -292,15 +294,7 @@ def plot_interaction_curves(steps: Sequence[InteractionStep], path: str | Path, 
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
     axes[0].legend()
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=80)
-    finally:
-        plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path, title)
 
 
 class Sam2InteractiveSession:
@@ -342,6 +336,41 @@ class Sam2InteractiveSession:
         return (label_ > 0).cpu().numpy()
 
 
+@dataclass
+class InteractionCase:
+    """One volume ready for the protocol: its name, file, scaled image and labels (RAS arrays)."""
+
+    name: str
+    path: str
+    scaled: torch.Tensor  # (1, H, W, T) in [0, 1]
+    labels: np.ndarray  # (H, W, T) object ids
+    spacing: list[float]
+
+
+def load_interaction_case(
+    item: Mapping[str, str], window: str | None = "auto", merge_labels: Mapping[int, int] | None = None
+) -> InteractionCase:
+    """A datalist item (``image``, ``label``) loaded in RAS, intensity-scaled as the model expects."""
+    from monai_sam.data.loading import load_volume
+    from monai_sam.segment import case_name, intensity_transform
+
+    image, truth = load_volume(item["image"]), load_volume(item["label"])
+    if tuple(image.shape) != tuple(truth.shape):
+        raise ValueError(f"{item['label']}: label shape {tuple(truth.shape)} != image {tuple(image.shape)}")
+    labels = np.rint(truth[0].numpy()).astype(np.int64)
+    for src, dst in (merge_labels or {}).items():
+        labels[labels == int(src)] = int(dst)
+    scale = intensity_transform(window, image)
+    scaled = scale(image) if scale is not None else image
+    return InteractionCase(
+        name=case_name(item["image"]),
+        path=str(item["image"]),
+        scaled=torch.as_tensor(scaled).float(),
+        labels=labels,
+        spacing=[float(v) for v in image.meta["spacing"]],
+    )
+
+
 def run_interaction_benchmark(
     network: Any,
     datalist: Sequence[Mapping[str, str]],
@@ -356,35 +385,23 @@ def run_interaction_benchmark(
     method: str = "monai-sam",
 ) -> list[InteractionStep]:
     """The protocol on every object of every case; writes the CSVs and the plot to ``output_dir``."""
-    from monai_sam.data.loading import load_volume
-    from monai_sam.segment import intensity_transform
-
     steps: list[InteractionStep] = []
     for item in datalist:
-        image, truth = load_volume(item["image"]), load_volume(item["label"])
-        if tuple(image.shape) != tuple(truth.shape):
-            raise ValueError(
-                f"{item['label']}: label shape {tuple(truth.shape)} != image {tuple(image.shape)}"
-            )
-        labels = np.rint(truth[0].numpy()).astype(np.int64)
-        for src, dst in (merge_labels or {}).items():
-            labels[labels == int(src)] = int(dst)
-        scale = intensity_transform(window, image)
-        scaled = scale(image) if scale is not None else image
-        session = Sam2InteractiveSession(network, torch.as_tensor(scaled), stop_after_absent)
-        case = Path(str(item["image"])).name.split(".")[0]
-        logger.info("%s: encoded %d slices in %.1f s", case, labels.shape[-1], session.encode_seconds)
-        spacing = [float(s) for s in image.meta["spacing"]]
+        case = load_interaction_case(item, window, merge_labels)
+        session = Sam2InteractiveSession(network, case.scaled, stop_after_absent)
+        logger.info(
+            "%s: encoded %d slices in %.1f s", case.name, case.labels.shape[-1], session.encode_seconds
+        )
         for object_id, name in sorted(label_names.items()):
-            if int(object_id) == 0 or not (labels == int(object_id)).any():
+            if int(object_id) == 0 or not (case.labels == int(object_id)).any():
                 continue
             steps += simulate_interactions(
                 session,
-                labels == int(object_id),
-                spacing,
+                case.labels == int(object_id),
+                case.spacing,
                 int(object_id),
                 str(name),
-                case=case,
+                case=case.name,
                 method=method,
                 num_clicks=num_clicks,
                 box_slice=box_slice,

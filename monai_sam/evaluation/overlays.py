@@ -10,7 +10,7 @@ import numpy as np
 
 from monai_sam.utils import atomic_path
 
-__all__ = ["radiological_view", "representative_slices", "save_overlay", "save_preview"]
+__all__ = ["radiological_view", "representative_slices", "save_figure", "save_overlay", "save_preview"]
 
 
 def representative_slices(truth: np.ndarray, pred: np.ndarray | None = None, count: int = 3) -> list[int]:
@@ -70,7 +70,7 @@ def save_overlay(
         ax.set_title(f"slice {k}")
         ax.axis("off")
     axes[0][0].legend(loc="lower left", fontsize=7, framealpha=0.6)
-    return _save_figure(fig, path, (title + "  " if title else "") + "truth: solid, prediction: dashed")
+    return save_figure(fig, path, (title + "  " if title else "") + "truth: solid, prediction: dashed")
 
 
 def save_preview(
@@ -123,7 +123,7 @@ def save_preview(
         axes[0][0].plot([], [], color=tab(i % 10), linewidth=6, label=label_names[oid])
     if ids:
         axes[0][0].legend(loc="lower left", fontsize=7, framealpha=0.6)
-    return _save_figure(fig, path, (title + "  " if title else "") + "patient's right on the left")
+    return save_figure(fig, path, (title + "  " if title else "") + "patient's right on the left")
 
 
 def radiological_view(image: np.ndarray, label: np.ndarray, plane: str, index: int) -> tuple[np.ndarray, np.ndarray]:
@@ -140,7 +140,7 @@ def radiological_view(image: np.ndarray, label: np.ndarray, plane: str, index: i
     raise ValueError(f"plane must be 'axial' or 'coronal', got {plane!r}")
 
 
-def _save_figure(fig, path: str | os.PathLike, title: str) -> Path:
+def save_figure(fig, path: str | os.PathLike, title: str) -> Path:
     """Title, lay out, write atomically and close a matplotlib figure."""
     import matplotlib.pyplot as plt
 
